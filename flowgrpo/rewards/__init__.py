@@ -1,0 +1,7 @@
+"""Rewards: the interface, the registry and the in-process rewards."""
+
+from flowgrpo.rewards.base import (KNOWN_REWARDS, REGISTRY, Reward, RewardOutput, WeightedReward, build_reward,
+                                   register)
+from flowgrpo.rewards import jpeg  # noqa: F401  (registers the JPEG rewards)
+
+__all__ = ["KNOWN_REWARDS", "REGISTRY", "Reward", "RewardOutput", "WeightedReward", "build_reward", "register"]

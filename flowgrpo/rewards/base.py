@@ -1,0 +1,78 @@
+"""The reward interface, the registry by name and the weighted combination.
+
+A reward is a callable ``reward(images, prompts, metadata) -> RewardOutput`` on a batch:
+images uint8 [N, H, W, 3] (numpy), prompts list[str] (N), metadata list[dict] (N, per-prompt data such as
+GenEval's ``include`` clauses). It returns per-image scores (and optional per-image details).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+
+#: every reward name a config may use (the upstream zoo); ``REGISTRY`` holds those available in this build
+KNOWN_REWARDS = frozenset({
+    "jpeg_compressibility", "jpeg_incompressibility", "ocr", "pickscore", "clipscore", "aesthetic",
+    "imagereward", "geneval", "unifiedreward", "qwenvl", "deqa", "image_similarity",
+})
+
+
+@dataclass
+class RewardOutput:
+    scores: np.ndarray  # [N] float64
+    details: list[dict[str, Any]] = field(default_factory=list)  # [N] optional per-image details
+
+
+class Reward(Protocol):
+    name: str
+
+    def __call__(self, images: np.ndarray, prompts: Sequence[str], metadata: Sequence[dict]) -> RewardOutput: ...
+
+
+REGISTRY: dict[str, Callable[..., Reward]] = {}
+
+
+def register(name: str) -> Callable:
+    """Class/factory decorator: ``@register("ocr")`` makes ``build_reward("ocr")`` construct it."""
+    if name not in KNOWN_REWARDS:
+        raise ValueError(f"register({name!r}): add the name to KNOWN_REWARDS first")
+
+    def deco(factory: Callable[..., Reward]) -> Callable[..., Reward]:
+        REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def build_reward(name: str, **kwargs: Any) -> Reward:
+    if name not in REGISTRY:
+        if name in KNOWN_REWARDS:
+            raise ValueError(f"reward {name!r} is a known reward but is not available in this build; "
+                             f"available: {sorted(REGISTRY)}")
+        raise ValueError(f"unknown reward {name!r}; known: {sorted(KNOWN_REWARDS)}")
+    return REGISTRY[name](**kwargs)
+
+
+class WeightedReward:
+    """sum_k w_k * reward_k. Every component is reported separately (weight 0 = monitored only)."""
+
+    name = "weighted"
+
+    def __init__(self, weights: dict[str, float], rewards: dict[str, Reward] | None = None):
+        self.weights = dict(weights)
+        self.rewards = rewards if rewards is not None else {n: build_reward(n) for n in weights}
+
+    def __call__(self, images: np.ndarray, prompts: Sequence[str], metadata: Sequence[dict]) -> dict[str, np.ndarray]:
+        """-> {"avg": [N] weighted sum, "<name>": [N] raw scores per component}."""
+        out: dict[str, np.ndarray] = {}
+        total = np.zeros(len(images), dtype=np.float64)
+        for name, w in self.weights.items():
+            scores = np.asarray(self.rewards[name](images, prompts, metadata).scores, dtype=np.float64)
+            if scores.shape != (len(images),):
+                raise ValueError(f"reward {name!r} returned shape {scores.shape}, expected ({len(images)},)")
+            out[name] = scores
+            total += w * scores
+        out["avg"] = total
+        return out
