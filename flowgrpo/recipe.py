@@ -60,7 +60,8 @@ def make_accelerator(cfg: RunConfig, cpu: bool):
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
     accum = cfg.train.gradient_accumulation_steps * cfg.sample.num_train_steps  # backward passes per update
-    handlers = [InitProcessGroupKwargs(backend="gloo" if cpu else "nccl", timeout=timedelta(minutes=60))]
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.train.deepspeed_stage > 0
+    handlers = [InitProcessGroupKwargs(backend="gloo" if cpu else "nccl", timeout=timedelta(minutes=60))] if distributed else []
     plugin = None
     if cfg.train.deepspeed_stage:
         for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
