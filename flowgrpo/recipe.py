@@ -111,10 +111,12 @@ class GRPORecipe:
 
         from flowgrpo.models import load_adapter
 
+        _quiet_libraries()
         m = cfg.model
         self.adapter: ModelAdapter = load_adapter(
             m.family, m.path, revision=m.revision, device=acc.device, mixed_precision=m.mixed_precision,
-            max_sequence_length=m.max_sequence_length, full_finetune=not m.use_lora)
+            max_sequence_length=m.max_sequence_length, full_finetune=not m.use_lora,
+            needs_reference=cfg.train.beta > 0)
         if m.use_lora:
             from flowgrpo.models.sd3 import SD3_LORA_TARGETS
 
@@ -419,6 +421,16 @@ class GRPORecipe:
         if self.logger is not None:
             self.logger.close()
         self.accelerator.end_training()
+
+
+def _quiet_libraries() -> None:
+    """diffusers/transformers warn on every truncated prompt and on every tiny-model load; keep errors."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
 
 
 class _null:

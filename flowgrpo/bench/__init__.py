@@ -1,0 +1,29 @@
+"""Benchmarks behind ``flowgrpo bench rollout|train``: one JSON-serialisable dict per run (the CLI prints one line).
+
+* ``rollout``: images/s of encode + SDE sampling + decode, FLOPs/MFU, transformer calls per step, and a plain
+  diffusers ``StableDiffusion3Pipeline`` measured in the same process (``speedup_vs_baseline``).
+* ``train``: one training timestep exactly as ``GRPORecipe.step_loss`` (+ backward, grad clip, AdamW), its MFU,
+  and the measured update loop over the trained steps (full: int(0.99 T); ``--window``: the window).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flowgrpo.bench.flops import count_flops, flop_counter, measure_matmul_peak
+
+
+def run_bench(args: Any) -> dict[str, Any]:
+    """Dispatch on ``args.what`` ('rollout' | 'train'); ``args`` is the CLI namespace (see flowgrpo.cli)."""
+    if args.what == "rollout":
+        from flowgrpo.bench.rollout import bench_rollout
+
+        return bench_rollout(args)
+    if args.what == "train":
+        from flowgrpo.bench.train import bench_train
+
+        return bench_train(args)
+    raise ValueError(f"unknown benchmark {args.what!r}: expected 'rollout' or 'train'")
+
+
+__all__ = ["count_flops", "flop_counter", "measure_matmul_peak", "run_bench"]
