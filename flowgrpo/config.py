@@ -236,6 +236,9 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     #: reward name -> weight; the training reward is the weighted sum (weight 0 = logged only)
     reward: dict[str, float] = field(default_factory=lambda: {"jpeg_compressibility": 1.0})
+    #: per-reward constructor options, e.g. {"pickscore": {"model": "yuvalkirstain/PickScore_v1"},
+    #: "geneval": {"url": "http://reward-geneval:8000"}}; a ``url`` scores through a reward server
+    reward_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from flowgrpo.rewards import KNOWN_REWARDS
@@ -247,6 +250,9 @@ class RunConfig:
             _check(name in KNOWN_REWARDS, f"reward.{name}", w, f"a known reward name: {sorted(KNOWN_REWARDS)}")
             _check(isinstance(w, (int, float)) and not isinstance(w, bool), f"reward.{name}", w, "a number")
         _check(any(w != 0 for w in self.reward.values()), "reward", self.reward, "at least one non-zero weight")
+        for name, opts in self.reward_options.items():
+            _check(name in self.reward, f"reward_options.{name}", opts,
+                   f"options for a reward listed in `reward` ({sorted(self.reward)})")
         s, t = self.sample, self.train
         _check(s.num_batches_per_epoch % t.gradient_accumulation_steps == 0, "train.gradient_accumulation_steps",
                t.gradient_accumulation_steps,

@@ -97,7 +97,7 @@ class GRPORecipe:
         cfg.check_world_size(env.world_size)  # before anything expensive
         self.prompts = load_prompts(cfg.data.train_prompts)
         self.test_prompts = load_prompts(cfg.data.test_prompts) if cfg.data.test_prompts else None
-        self.reward_fn = WeightedReward(cfg.reward)
+        self.reward_fn = WeightedReward(cfg.reward, options=cfg.reward_options)
 
         device = pick_device(cfg.device)
         self.accelerator = acc = make_accelerator(cfg, cpu=device.type == "cpu")

@@ -1,7 +1,8 @@
 """Rewards: the interface, the registry and the in-process rewards."""
 
-from flowgrpo.rewards.base import (KNOWN_REWARDS, REGISTRY, Reward, RewardOutput, WeightedReward, build_reward,
-                                   register)
+from flowgrpo.rewards.base import (KNOWN_REWARDS, REGISTRY, Reward, RewardOutput, WeightedReward, as_uint8,
+                                   build_reward, register)
 from flowgrpo.rewards import jpeg  # noqa: F401  (registers the JPEG rewards)
 
-__all__ = ["KNOWN_REWARDS", "REGISTRY", "Reward", "RewardOutput", "WeightedReward", "build_reward", "register"]
+__all__ = ["KNOWN_REWARDS", "REGISTRY", "Reward", "RewardOutput", "WeightedReward", "as_uint8", "build_reward",
+           "register"]

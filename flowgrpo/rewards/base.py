@@ -34,6 +34,25 @@ class Reward(Protocol):
 REGISTRY: dict[str, Callable[..., Reward]] = {}
 
 
+def as_uint8(images: Any) -> np.ndarray:
+    """Accept uint8 numpy [N, H, W, 3], a list of such, or a float tensor/array [N, 3, H, W] in [0, 1];
+    return uint8 numpy [N, H, W, 3]."""
+    if isinstance(images, (list, tuple)):
+        images = np.stack([np.asarray(im) for im in images])
+    if hasattr(images, "detach"):  # torch tensor
+        images = images.detach().cpu().numpy()
+    arr = np.asarray(images)
+    if arr.ndim != 4:
+        raise ValueError(f"images must be a batch [N, H, W, 3] or [N, 3, H, W], got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        if arr.shape[1] == 3 and arr.shape[-1] != 3:
+            arr = arr.transpose(0, 2, 3, 1)
+        arr = (np.clip(arr.astype(np.float64), 0.0, 1.0) * 255).round().astype(np.uint8)
+    if arr.shape[-1] != 3:
+        raise ValueError(f"images must have 3 channels last after conversion, got shape {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
 def register(name: str) -> Callable:
     """Class/factory decorator: ``@register("ocr")`` makes ``build_reward("ocr")`` construct it."""
     if name not in KNOWN_REWARDS:
@@ -47,6 +66,12 @@ def register(name: str) -> Callable:
 
 
 def build_reward(name: str, **kwargs: Any) -> Reward:
+    """Construct reward ``name`` with its options. ``url=...`` (a reward server) returns the HTTP client
+    reward for that name instead of the in-process model."""
+    if "url" in kwargs:
+        from flowgrpo.rewards.remote import RemoteReward
+
+        return RemoteReward(name, **kwargs)
     if name not in REGISTRY:
         if name in KNOWN_REWARDS:
             raise ValueError(f"reward {name!r} is a known reward but is not available in this build; "
@@ -60,12 +85,15 @@ class WeightedReward:
 
     name = "weighted"
 
-    def __init__(self, weights: dict[str, float], rewards: dict[str, Reward] | None = None):
+    def __init__(self, weights: dict[str, float], rewards: dict[str, Reward] | None = None,
+                 options: dict[str, dict[str, Any]] | None = None):
         self.weights = dict(weights)
-        self.rewards = rewards if rewards is not None else {n: build_reward(n) for n in weights}
+        opts = options or {}
+        self.rewards = rewards if rewards is not None else {n: build_reward(n, **opts.get(n, {})) for n in weights}
 
     def __call__(self, images: np.ndarray, prompts: Sequence[str], metadata: Sequence[dict]) -> dict[str, np.ndarray]:
         """-> {"avg": [N] weighted sum, "<name>": [N] raw scores per component}."""
+        images = as_uint8(images)
         out: dict[str, np.ndarray] = {}
         total = np.zeros(len(images), dtype=np.float64)
         for name, w in self.weights.items():
