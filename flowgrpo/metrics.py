@@ -76,7 +76,7 @@ def _plain(v: Any) -> Any:
 def image_grid(images: np.ndarray, captions: Sequence[str], cols: int = 4, caption_h: int = 14) -> Image.Image:
     """uint8 [N, H, W, 3] -> one PIL grid with a caption strip under each tile."""
     n, h, w, _ = images.shape
-    tile = max(w, 96)
+    tile = max(w, 128)
     cols = min(cols, n)
     rows = math.ceil(n / cols)
     grid = Image.new("RGB", (cols * tile, rows * (tile + caption_h)), "white")

@@ -203,6 +203,14 @@ class GRPORecipe:
                 self.logger.log_metrics({"epoch": cfg.train.epochs, "final": True, **final_eval}, step=cfg.train.epochs)
             last = {**last, **final_eval}
         self.export_final()
+        if self.is_main and self.jsonl is not None and self.jsonl.path.exists():
+            import json
+
+            recs = [json.loads(ln) for ln in self.jsonl.path.read_text().splitlines() if ln.strip()]
+            rewards = [r["reward_mean"] for r in recs if "reward_mean" in r]
+            if rewards:
+                self._print(f"done: reward_mean {rewards[0]:.5f} -> {rewards[-1]:.5f} over {len(rewards)} epochs; "
+                            f"final model in {Path(cfg.output_dir) / 'final'}")
         return last
 
     # -------------------------------------------------------------------------------------- sampling
@@ -431,6 +439,13 @@ def _quiet_libraries() -> None:
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:  # pragma: no cover - older hub versions
+        pass
 
 
 class _null:

@@ -15,15 +15,21 @@ from flowgrpo.bench.flops import count_flops, flop_counter, measure_matmul_peak
 
 def run_bench(args: Any) -> dict[str, Any]:
     """Dispatch on ``args.what`` ('rollout' | 'train'); ``args`` is the CLI namespace (see flowgrpo.cli)."""
-    if args.what == "rollout":
-        from flowgrpo.bench.rollout import bench_rollout
+    import torch
 
-        return bench_rollout(args)
-    if args.what == "train":
+    if args.what not in ("rollout", "train"):
+        raise ValueError(f"unknown benchmark {args.what!r}: expected 'rollout' or 'train'")
+    threads = torch.get_num_threads()
+    try:
+        if args.what == "rollout":
+            from flowgrpo.bench.rollout import bench_rollout
+
+            return bench_rollout(args)
         from flowgrpo.bench.train import bench_train
 
         return bench_train(args)
-    raise ValueError(f"unknown benchmark {args.what!r}: expected 'rollout' or 'train'")
+    finally:
+        torch.set_num_threads(threads)  # --threads is for this run only
 
 
 __all__ = ["count_flops", "flop_counter", "measure_matmul_peak", "run_bench"]

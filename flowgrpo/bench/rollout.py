@@ -1,12 +1,14 @@
 """``flowgrpo bench rollout``: images/s of the Flow-GRPO rollout (encode + SDE sampling + decode) vs diffusers.
 
-What one timed run is (the same work a training epoch does per sampling batch, prompts not cached):
-``PromptEncoder`` over ``batch`` distinct prompts (+ the empty negative prompt when guidance > 1), then
-:func:`flowgrpo.rollout.rollout` over the full SDE window (every step stochastic, the first int(0.99 T) recorded,
-noise level 0.7, 'sde'), then the VAE decode. The baseline is a plain ``StableDiffusion3Pipeline.__call__`` on the
-same pipeline object (same weights, batch, steps, guidance, resolution, max_sequence_length, ``output_type="pt"``).
-Runs are interleaved (ours, baseline, ours, ...) after one warm-up each, so slow drifts of the machine hit both
-alike; medians are reported.
+One timed run is the work a training epoch does per sampling batch, prompts not cached: ``PromptEncoder`` over
+``batch`` distinct prompts (+ the empty negative prompt when guidance > 1), :func:`flowgrpo.rollout.rollout` over
+the full SDE window (every step stochastic, the first int(0.99 T) recorded, noise level 0.7, 'sde'), and the VAE
+decode. The baseline is a plain ``StableDiffusion3Pipeline.__call__`` on the same pipeline object (same weights,
+batch, steps, guidance, resolution, max_sequence_length, ``output_type="pt"``), always on the eager transformer.
+
+After one untimed warm-up of each (plus one counted run for FLOPs and transformer calls), runs are interleaved
+(ours, baseline, ours, ...) so slow drifts of the machine hit both alike; medians are reported. ``cpu.other_cores``
+says how busy the rest of the machine was meanwhile (timings with other_cores > ~0.1 on 2 cores are disturbed).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 
 from flowgrpo.bench.common import CallCounter, CpuMonitor, Timed, bench_prompts, environment, median, peak_rss_mb
 from flowgrpo.bench.flops import count_flops, measure_matmul_peak
-from flowgrpo.bench.setup import apply_speedups, load_bench_adapter
+from flowgrpo.bench.setup import apply_speedups, eager, load_bench_adapter
 
 NOISE_LEVEL = 0.7
 SDE_TYPE = "sde"
@@ -34,14 +36,13 @@ def bench_rollout(args: Any) -> dict[str, Any]:
     with_baseline = not getattr(args, "no_baseline", False)
     adapter = load_bench_adapter(args)
     speedups = apply_speedups(adapter, args)
-    peak = measure_matmul_peak()
+    peak = measure_matmul_peak(**_peak_kwargs(args))
     cfg = guidance > 1.0
     prompts = bench_prompts(batch)
     sigmas = adapter.sigmas(steps)
     window = full_window(steps)
     encoder = PromptEncoder(adapter)
     decode = Timed(adapter.decode)
-    adapter.decode = decode  # instance attribute: rollout() calls adapter.decode(x)
 
     def ours(seed0: int) -> tuple[torch.Tensor, dict[str, float]]:
         t0 = time.perf_counter()
@@ -50,13 +51,13 @@ def bench_rollout(args: Any) -> dict[str, Any]:
         negative = adapter.encode_prompts([""]) if cfg else None
         t1 = time.perf_counter()
         dec0 = decode.seconds
-        images, latents, log_probs, _ = rollout(
+        images, _, _, _ = rollout(
             adapter, cond, negative, sigmas=sigmas, window=window, guidance_scale=guidance,
             noise_level=NOISE_LEVEL, sde_type=SDE_TYPE, sample_seeds=[seed0 + i for i in range(batch)],
             resolution=res)
         t2 = time.perf_counter()
-        return images, {"encode": t1 - t0, "sample": t2 - t1 - (decode.seconds - dec0),
-                        "decode": decode.seconds - dec0, "total": t2 - t0}
+        dec = decode.seconds - dec0
+        return images, {"encode": t1 - t0, "sample": t2 - t1 - dec, "decode": dec, "total": t2 - t0}
 
     pipe = adapter.pipe
     pipe.set_progress_bar_config(disable=True)
@@ -66,20 +67,20 @@ def bench_rollout(args: Any) -> dict[str, Any]:
         return pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, height=res, width=res,
                     max_sequence_length=adapter.max_sequence_length, output_type="pt", generator=gen).images
 
+    adapter.decode = decode  # instance attribute: rollout() calls adapter.decode(x)
     try:
-        # warm-up, call counting and FLOP counting (untimed)
         t_first = time.perf_counter()
-        ours(10_000)
+        ours(10_000)  # warm-up (and compilation with --compile)
         first_run_s = time.perf_counter() - t_first
-        with CallCounter(adapter.transformer) as calls:
-            (images, _), flops = count_flops(ours, 20_000)
-        tr_flops = steps * _velocity_flops(adapter, encoder(prompts), prompts, guidance, res)
+        with eager(adapter) as net:  # FLOPs and calls, on the eager module
+            with CallCounter(net) as calls:
+                (images, _), flops = count_flops(ours, 20_000)
+            tr_flops = steps * _velocity_flops(adapter, encoder(prompts), guidance, res)
         if with_baseline:
             baseline(1)
-            with CallCounter(adapter.transformer) as base_calls:
+            with CallCounter(pipe.transformer) as base_calls:
                 _, base_flops = count_flops(baseline, 2)
 
-        # timed, interleaved
         runs: list[dict[str, float]] = []
         base_s: list[float] = []
         with CpuMonitor() as mon, CallCounter(adapter.transformer) as timer:
@@ -92,13 +93,19 @@ def bench_rollout(args: Any) -> dict[str, Any]:
                     t0 = time.perf_counter()
                     baseline(3 + r)
                     base_s.append(time.perf_counter() - t0)
-                    timer.seconds = before + ph["transformer"]  # don't attribute baseline time to our phases
+                    timer.seconds = before + ph["transformer"]  # the baseline may share the module
     finally:
         del adapter.decode
 
     total = median([r["total"] for r in runs])
     ips = batch / total
     fpi = flops / batch
+    phases = {
+        "encode": median([r["encode"] for r in runs]),
+        "transformer": median([r["transformer"] for r in runs]),
+        "step_math": median([r["sample"] - r["transformer"] for r in runs]),
+        "decode": median([r["decode"] for r in runs]),
+    }
     out: dict[str, Any] = {
         "bench": "rollout",
         "model": args.model,
@@ -115,20 +122,15 @@ def bench_rollout(args: Any) -> dict[str, Any]:
         "achieved_flops": round(fpi * ips),
         "matmul_peak_flops": round(peak),
         "mfu": round(fpi * ips / peak, 4),
+        "transformer_flops_per_image": tr_flops / batch,
+        "transformer_mfu": round(tr_flops / phases["transformer"] / peak, 4) if phases["transformer"] > 0 else None,
         "transformer_calls_per_step": calls.calls / steps,
         "transformer_rows_per_call": max(calls.rows) if calls.rows else 0,
-        "phases_s": {
-            "encode": round(median([r["encode"] for r in runs]), 4),
-            "transformer": round(median([r["transformer"] for r in runs]), 4),
-            "step_math": round(median([r["sample"] - r["transformer"] for r in runs]), 4),
-            "decode": round(median([r["decode"] for r in runs]), 4),
-        },
+        "phases_s": {k: round(v, 4) for k, v in phases.items()},
         "first_run_s": round(first_run_s, 3),
+        "compile_s": round(max(0.0, first_run_s - total), 3) if speedups.get("compile") else None,
         "image_shape": list(images.shape),
     }
-    tr_s = out["phases_s"]["transformer"]
-    out["transformer_flops_per_image"] = tr_flops / batch
-    out["transformer_mfu"] = round(tr_flops / tr_s / peak, 4) if tr_s > 0 else None
     if with_baseline:
         base = median(base_s)
         out.update(
@@ -139,20 +141,26 @@ def bench_rollout(args: Any) -> dict[str, Any]:
             speedup_vs_baseline=round(base / total, 4),
         )
     out.update(cpu=mon.report(), env=environment(), speedups=speedups)
-    _check_finite(out)
+    check_finite(out)
     return out
 
 
-def _velocity_flops(adapter: Any, cond: dict, prompts: list[str], guidance: float, res: int) -> int:
+def _peak_kwargs(args: Any) -> dict[str, Any]:
+    sizes = getattr(args, "peak_sizes", None)
+    return {"sizes": tuple(sizes)} if sizes else {}
+
+
+def _velocity_flops(adapter: Any, cond: dict, guidance: float, res: int) -> int:
     """FLOPs of one ``adapter.velocity`` call (one sampling step's transformer work) on this batch."""
-    x = torch.zeros(len(prompts), *adapter.latent_shape(res))
+    b = next(iter(cond.values())).shape[0]
+    x = torch.zeros(b, *adapter.latent_shape(res))
     neg = adapter.encode_prompts([""]) if guidance > 1 else None
     with torch.no_grad():
-        _, flops = count_flops(adapter.velocity, x, torch.full((len(prompts),), 0.5), cond, guidance, neg)
+        _, flops = count_flops(adapter.velocity, x, torch.full((b,), 0.5), cond, guidance, neg)
     return flops
 
 
-def _check_finite(out: dict[str, Any]) -> None:
+def check_finite(out: dict[str, Any]) -> None:
     for k, v in out.items():
         if isinstance(v, float) and not math.isfinite(v):
             raise RuntimeError(f"bench produced a non-finite {k}={v}")

@@ -24,7 +24,8 @@ import torch
 
 from flowgrpo.bench.common import CallCounter, CpuMonitor, bench_prompts, environment, median, peak_rss_mb
 from flowgrpo.bench.flops import count_flops, measure_matmul_peak
-from flowgrpo.bench.setup import apply_speedups, load_bench_adapter
+from flowgrpo.bench.rollout import _peak_kwargs, check_finite
+from flowgrpo.bench.setup import apply_speedups, eager, load_bench_adapter
 
 LORA_RANK, LORA_ALPHA = 32, 64
 NOISE_LEVEL = 0.7
@@ -70,7 +71,7 @@ def bench_train(args: Any) -> dict[str, Any]:
     if not full:
         adapter.add_lora(LORA_RANK, LORA_ALPHA, SD3_LORA_TARGETS)
     speedups = apply_speedups(adapter, args)
-    peak = measure_matmul_peak()
+    peak = measure_matmul_peak(**_peak_kwargs(args))
     cfg_on = guidance > 1.0
     prompts = bench_prompts(batch)
     negative = adapter.encode_prompts([""]) if cfg_on else None
@@ -82,9 +83,10 @@ def bench_train(args: Any) -> dict[str, Any]:
     cond = PromptEncoder(adapter)(prompts)
     adapter.transformer.eval()
     t0 = time.perf_counter()
-    _, lat, lps, means = rollout(adapter, cond, negative, sigmas=recipe.sigmas, window=window,
-                                 guidance_scale=guidance, noise_level=NOISE_LEVEL, sde_type="sde",
-                                 sample_seeds=list(range(batch)), resolution=res, decode=False)
+    with eager(adapter):  # (a compiled transformer would compile a second, inference graph here)
+        _, lat, lps, means = rollout(adapter, cond, negative, sigmas=recipe.sigmas, window=window,
+                                     guidance_scale=guidance, noise_level=NOISE_LEVEL, sde_type="sde",
+                                     sample_seeds=list(range(batch)), resolution=res, decode=False)
     rollout_s = time.perf_counter() - t0
     steps_idx = torch.arange(window.train_start, window.train_end)
     traj = Trajectory(prompts, [{} for _ in prompts], torch.zeros(batch, dtype=torch.long), cond, lat, lps, means,
@@ -116,12 +118,14 @@ def bench_train(args: Any) -> dict[str, Any]:
     window_ks = full_ks[start : start + window_size] if window_size > 0 else full_ks
 
     t0 = time.perf_counter()
-    train_step(0)  # warm-up (allocations, AdamW state)
+    train_step(0)  # warm-up (allocations, AdamW state, compilation with --compile)
     first_step_s = time.perf_counter() - t0
-    with CallCounter(adapter.transformer) as calls:
+    recipe.model = adapter.eager_transformer  # FLOPs and calls are counted on the eager module
+    with CallCounter(recipe.model) as calls:
         _, flops = count_flops(train_step, 0)
     with torch.no_grad():
         _, fwd_flops = count_flops(recipe.step_loss, traj, adv, 0)
+    recipe.model = adapter.transformer
 
     with CpuMonitor() as mon:
         single = [update([full_ks[r % k_full]]) for r in range(repeats)]
@@ -155,12 +159,14 @@ def bench_train(args: Any) -> dict[str, Any]:
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "rollout_s": round(rollout_s, 3),
         "first_step_s": round(first_step_s, 3),
+        "compile_s": round(max(0.0, first_step_s - s_step), 3) if speedups.get("compile") else None,
     }
     if window_size > 0:
         out["full_trained_steps"] = k_full
         out["s_per_full_update"] = round(median(full_updates), 4)
         out["fast_speedup"] = round(median(full_updates) / median(updates), 4)
     out.update(cpu=mon.report(), env=environment(), speedups=speedups)
+    check_finite(out)
     return out
 
 
