@@ -25,10 +25,8 @@ HF_NAMES = [{"computer mouse": "mouse", "tv remote": "remote", "computer keyboar
 
 
 def _make_tiny_mask2former(out: Path) -> Path:
-    from transformers import Mask2FormerConfig, Mask2FormerImageProcessorPil, SwinConfig
-
-    from flowgrpo.rewards.geneval.detector import _without_scipy_requirement
-    from transformers import Mask2FormerForUniversalSegmentation
+    from transformers import (Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessorPil,
+                              SwinConfig)
 
     backbone = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
                           window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])
@@ -38,8 +36,7 @@ def _make_tiny_mask2former(out: Path) -> Path:
                                dim_feedforward=32, num_queries=8,
                                id2label=dict(enumerate(HF_NAMES)), label2id={n: i for i, n in enumerate(HF_NAMES)})
     torch.manual_seed(0)
-    with _without_scipy_requirement():
-        model = Mask2FormerForUniversalSegmentation(config).eval()
+    model = Mask2FormerForUniversalSegmentation(config).eval()
     model.save_pretrained(out)
     Mask2FormerImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 64}).save_pretrained(out)
     return out
@@ -288,3 +285,14 @@ def test_reward_with_tiny_real_models(tiny_dirs):
     assert out.scores.shape == (2,) and np.isfinite(out.scores).all() and (out.scores <= 1.0).all()
     assert all(set(d) >= {"correct", "strict_correct", "tag", "detections", "reason"} for d in out.details)
     assert isinstance(reward.color, ClipColorClassifier)
+
+
+def test_reward_with_tiny_clip_colours_and_fake_detector(tiny_dirs):
+    """Colour questions go to the real (tiny) CLIP classifier with mask-on-grey crops of the image."""
+    imgs, dets, metas = _scene()
+    reward = GenEvalReward(detector=FakeDetector(dets), color_model=str(tiny_dirs["clip"]), device="cpu")
+    out = reward(imgs, [""] * 3, metas)
+    car = out.details[0]["detections"][0]
+    assert car["class"] == "car" and car["color"] in COLORS
+    assert out.scores[0] == (1.0 if car["color"] == "red" else 0.5)  # L = [1, 1] or [1, 0]
+    assert out.details[0]["strict_correct"] == (car["color"] == "red")

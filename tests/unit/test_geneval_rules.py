@@ -16,7 +16,8 @@ import pytest
 from flowgrpo.rewards.geneval.rules import (COLORS, TAGS, Detection, aggregate, crop_object, evaluate,
                                             filter_detections, per_tag_columns, relative_position)
 
-METADATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "prompts" / "geneval" / "test_metadata.jsonl"
+METADATA = (Path(__file__).resolve().parents[2].parent / "shared" / "data" / "prompts" / "geneval"
+            / "test_metadata.jsonl")
 
 
 @pytest.fixture(scope="module")

@@ -22,11 +22,10 @@ pool may share one instance.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import threading
-from typing import Any, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -134,34 +133,6 @@ def _pil_processor_class(pil_name: str, legacy_name: str) -> Any:
     return cls if cls is not None else getattr(transformers, legacy_name)
 
 
-@contextlib.contextmanager
-def _without_scipy_requirement() -> Iterator[None]:
-    """``Mask2FormerForUniversalSegmentation.__init__`` builds its training loss, whose constructor insists on
-    scipy (for the Hungarian matcher, which inference never runs). When scipy is missing, the check is disabled
-    while the model is built; the loss then fails if anyone trains with it."""
-    try:
-        import scipy  # noqa: F401
-
-        yield
-        return
-    except ImportError:
-        pass
-    from transformers.models.mask2former import modeling_mask2former as mm
-
-    original = mm.requires_backends
-
-    def _skip_scipy(obj: Any, backends: Any) -> None:
-        rest = [b for b in ([backends] if isinstance(backends, str) else list(backends)) if b != "scipy"]
-        if rest:
-            original(obj, rest)
-
-    mm.requires_backends = _skip_scipy
-    try:
-        yield
-    finally:
-        mm.requires_backends = original
-
-
 def boxes_from_masks(masks: np.ndarray) -> np.ndarray:
     """bool [K, H, W] -> float [K, 4] (x0, y0, x1, y1) with exclusive x1/y1 (pixel extent); empty mask -> zeros."""
     masks = np.asarray(masks, dtype=bool)
@@ -241,8 +212,7 @@ class Mask2FormerDetector:
         path = resolve_model_path(model, revision=revision, cache_dir=cache_dir)
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype)
-        with _without_scipy_requirement():
-            net = Mask2FormerForUniversalSegmentation.from_pretrained(str(path))
+        net = Mask2FormerForUniversalSegmentation.from_pretrained(str(path))  # needs scipy (its loss module)
         self.model = net.to(self.device, self.dtype).eval()
         self.model.requires_grad_(False)
         proc_cls = _pil_processor_class("Mask2FormerImageProcessorPil", "Mask2FormerImageProcessor")
