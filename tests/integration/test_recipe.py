@@ -191,3 +191,12 @@ def test_jpeg_compressibility_rises(tiny_cfg, tmp_path):
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last - first > 2.0 * rec[0]["reward_std"], (rewards, rec[0]["reward_std"])
     assert rewards[-1] > rewards[0]
+
+
+def test_multi_reward_logs_each_component_and_weighted_sum(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("train.epochs=1", "reward.jpeg_incompressibility=0.5", "reward.jpeg_compressibility=2.0")
+    run_training(cfg, resume="never")
+    rec = _records(tmp_path / "run")[0]
+    a, b = rec["reward_jpeg_compressibility_mean"], rec["reward_jpeg_incompressibility_mean"]
+    assert a < 0 < b and a == pytest.approx(-b)  # the same JPEG sizes with opposite signs
+    assert rec["reward_mean"] == pytest.approx(2.0 * a + 0.5 * b, rel=1e-9)
