@@ -42,6 +42,12 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve_reward(args: argparse.Namespace) -> int:
+    from flowgrpo.rewards.server import serve
+
+    return serve(args)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from flowgrpo.bench import run_bench
 
@@ -71,8 +77,23 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(fn=_cmd_make_tiny)
 
+    s = sub.add_parser("serve-reward", help="serve rewards over HTTP (POST /v1/score, /healthz, /readyz, /metrics)")
+    s.add_argument("--reward", action="append", required=True, metavar="NAME", help="repeat for several rewards")
+    s.add_argument("--host", default="0.0.0.0")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key-file", default=None, help="else the FLOWGRPO_REWARD_API_KEY environment variable")
+    s.add_argument("--insecure-no-auth", action="store_true", help="serve without an API key (local use only)")
+    s.add_argument("--max-batch", type=int, default=32)
+    s.add_argument("--max-wait-ms", type=float, default=5.0)
+    s.add_argument("--max-request-mb", type=float, default=128.0)
+    s.add_argument("--max-images-per-request", type=int, default=256)
+    s.add_argument("--max-queue-images", type=int, default=4096)
+    s.add_argument("--reward-options", default=None, help="JSON, or a .json/.yaml file: {name: {option: value}}")
+    s.add_argument("--log-level", default="info")
+    s.set_defaults(fn=_cmd_serve_reward)
+
     b = sub.add_parser("bench", help="benchmarks printing one JSON line")
-    b.add_argument("what", choices=["rollout", "train"])
+    b.add_argument("what", choices=["rollout", "train", "reward-server"])
     b.add_argument("--model", default="tiny:bench_cpu", help="diffusers SD3 dir, or tiny:<spec>")
     b.add_argument("--batch", type=int, default=8)
     b.add_argument("--steps", type=int, default=10)
@@ -80,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--guidance", type=float, default=4.5)
     b.add_argument("--window", type=int, default=0, help="train bench: SDE window size (0 = full, 9 steps)")
     b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--rewards", default="jpeg_compressibility,ocr", help="reward-server bench: rewards to compare")
+    b.add_argument("--batch-sizes", default="1,8,32", help="reward-server bench: request batch sizes")
+    b.add_argument("--clients", type=int, default=4, help="reward-server bench: concurrent clients")
+    b.add_argument("--min-seconds", type=float, default=2.0, help="reward-server bench: time per measurement")
+    b.add_argument("--max-wait-ms", type=float, default=2.0, help="reward-server bench: server batching wait")
     b.set_defaults(fn=_cmd_bench)
     return p
 

@@ -38,8 +38,10 @@ Endpoints
 Rewards are built with :func:`flowgrpo.rewards.build_reward` in a background thread at startup, so the port
 answers (``/healthz``, ``/readyz`` = 503) while models load. Each reward has one worker thread that runs the
 model: requests are split into pieces of at most ``max_batch`` images and queued; the worker concatenates
-queued pieces of the same image size up to ``max_batch`` images, waiting at most ``max_wait_ms`` after the
-first one, runs the reward once and hands each request its slice. If a combined batch raises, its pieces are
+queued pieces of the same image size up to ``max_batch`` images, runs the reward once and hands each request
+its slice. While the model runs, new requests queue up and form the next batch; before starting a batch the
+worker waits for more only while other requests for that reward are still being decoded, and at most
+``max_wait_ms`` after the first (so a lone client pays no batching delay). If a combined batch raises, its pieces are
 re-run one by one so one bad request cannot fail its neighbours.
 """
 
@@ -56,7 +58,6 @@ import hmac
 import io
 import json
 import logging
-import math
 import os
 import sys
 import threading
@@ -185,7 +186,7 @@ class Metrics:
 
 
 # ---------------------------------------------------------------------------------------------- batching
-@dataclass
+@dataclass(eq=False)  # identity equality: deque.remove must not compare arrays
 class _Piece:
     images: np.ndarray  # [n, H, W, 3] uint8
     prompts: list[str]
@@ -208,6 +209,7 @@ class Batcher:
         self.cond = threading.Condition()
         self.queue: collections.deque[_Piece] = collections.deque()
         self.queued_images = 0
+        self.incoming = 0  # requests for this reward being decoded (about to be queued)
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name=f"reward-{name}", daemon=True)
         metrics.queue_depth[name] = 0
@@ -222,9 +224,17 @@ class Batcher:
             self.cond.notify_all()
         self.thread.join(timeout=5)
 
+    def arriving(self, delta: int) -> None:
+        """+1 when a request for this reward starts decoding, -1 if it fails before :meth:`submit`."""
+        with self.cond:
+            self.incoming += delta
+            self.cond.notify_all()
+
     def submit(self, images: np.ndarray, prompts: list[str], metadata: list[dict]) -> list[_Piece]:
+        """Queue a decoded request (ends its :meth:`arriving`) -> its pieces, each with a future."""
         n = len(images)
         with self.cond:
+            self.incoming -= 1
             if self.queued_images + n > self.max_queue_images and self.queued_images > 0:
                 raise HTTPError(429, f"reward {self.name!r}: queue full ({self.queued_images} images waiting, "
                                      f"limit {self.max_queue_images}); retry later", "queue_full",
@@ -262,8 +272,8 @@ class Batcher:
                 if n >= self.max_batch:
                     break
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or self.stopping:
-                    break
+                if remaining <= 0 or self.stopping or self.incoming <= 0:
+                    break  # wait only while more requests are on their way in
                 if not taken:
                     self.cond.wait(remaining)
             self.queued_images -= n
@@ -286,30 +296,44 @@ class Batcher:
         return RewardOutput(scores, details)
 
     def _loop(self) -> None:
-        while True:
-            batch = self._take_batch()
-            if batch is None:
+        try:
+            while True:
+                batch = self._take_batch()
+                if batch is None:
+                    return
+                self._process(batch)
+        except BaseException as e:  # never leave requests hanging on a dead worker
+            self.state, self.error = "failed", f"worker crashed: {type(e).__name__}: {e}"
+            log.exception("reward %s worker crashed", self.name)
+            with self.cond:
+                pending, self.queue = list(self.queue), collections.deque()
+                self.queued_images = 0
+            for p in pending:
+                if not p.future.done():
+                    p.future.set_exception(RuntimeError(self.error))
+            raise
+
+    def _process(self, batch: list[_Piece]) -> None:
+        try:
+            out = self._run(batch)
+        except Exception as e:  # noqa: BLE001
+            if len(batch) == 1:
+                batch[0].future.set_exception(e)
                 return
-            try:
-                out = self._run(batch)
-            except Exception as e:  # noqa: BLE001
-                if len(batch) == 1:
-                    batch[0].future.set_exception(e)
-                    continue
-                for p in batch:  # isolate the failing request(s)
-                    try:
-                        o = self._run([p])
-                        p.batch_sizes.append(len(p.images))
-                        p.future.set_result(o)
-                    except Exception as e1:  # noqa: BLE001
-                        p.future.set_exception(e1)
-                continue
-            s, size = 0, len(out.scores)
-            for p in batch:
-                k = len(p.images)
-                p.batch_sizes.append(size)
-                p.future.set_result(RewardOutput(out.scores[s:s + k], out.details[s:s + k] if out.details else []))
-                s += k
+            for p in batch:  # isolate the failing request(s)
+                try:
+                    o = self._run([p])
+                    p.batch_sizes.append(len(p.images))
+                    p.future.set_result(o)
+                except Exception as e1:  # noqa: BLE001
+                    p.future.set_exception(e1)
+            return
+        s, size = 0, len(out.scores)
+        for p in batch:
+            k = len(p.images)
+            p.batch_sizes.append(size)
+            p.future.set_result(RewardOutput(out.scores[s:s + k], out.details[s:s + k] if out.details else []))
+            s += k
 
 
 # ---------------------------------------------------------------------------------------------- decoding
@@ -332,8 +356,16 @@ def decode_image(data: bytes, index: int, max_pixels: int) -> np.ndarray:
                         "bad_image", index=index) from None
 
 
-def decode_images(blobs: Sequence[bytes], max_pixels: int) -> np.ndarray:
-    arrays = [decode_image(b, i, max_pixels) for i, b in enumerate(blobs)]
+def decode_images(items: Sequence[bytes | str], max_pixels: int) -> np.ndarray:
+    """PNG/JPEG bytes (or base64 strings of them) -> uint8 [N, H, W, 3]; HTTPError 400 naming the bad index."""
+    arrays = []
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            try:
+                item = base64.b64decode(item, validate=True)
+            except (binascii.Error, ValueError) as e:
+                raise HTTPError(400, f"image {i}: invalid base64 ({e})", "bad_image", index=i) from None
+        arrays.append(decode_image(item, i, max_pixels))
     for i, a in enumerate(arrays[1:], start=1):
         if a.shape != arrays[0].shape:
             raise HTTPError(400, f"image {i}: size {a.shape[1]}x{a.shape[0]} differs from image 0 "
@@ -431,7 +463,12 @@ def create_app(reward_names: list[str], api_key: str | None, max_batch: int = 32
         if not hmac.compare_digest(token.strip().encode(), key_bytes):
             raise HTTPError(401, "invalid API key", "auth", {"WWW-Authenticate": "Bearer"})
 
-    async def read_body(request: Request) -> bytes:
+    def too_large(n: int | None = None) -> HTTPError:
+        size = f"request body of {n} bytes" if n is not None else "request body"
+        return HTTPError(413, f"{size} exceeds the limit of {max_request_bytes} bytes; send fewer images per "
+                              "request (client: chunk_size)", "too_large", {"Connection": "close"})
+
+    def check_length(request: Request) -> None:
         length = request.headers.get("content-length")
         if length is not None:
             try:
@@ -439,29 +476,30 @@ def create_app(reward_names: list[str], api_key: str | None, max_batch: int = 32
             except ValueError:
                 raise HTTPError(400, f"bad Content-Length {length!r}", "bad_request") from None
             if n > max_request_bytes:
-                raise HTTPError(413, f"request body of {n} bytes exceeds the limit of {max_request_bytes} bytes; "
-                                     "send fewer images per request (client: chunk_size)", "too_large",
-                                {"Connection": "close"})
+                raise too_large(n)
+
+    async def read_body(request: Request) -> bytes:
         chunks, total = [], 0
         async for chunk in request.stream():
             total += len(chunk)
             if total > max_request_bytes:
-                raise HTTPError(413, f"request body exceeds the limit of {max_request_bytes} bytes; send fewer "
-                                     "images per request (client: chunk_size)", "too_large", {"Connection": "close"})
+                raise too_large()
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def parse(request: Request, body: bytes) -> tuple[dict, list[bytes]]:
+    async def parse(request: Request) -> tuple[dict, list[bytes | str]]:
+        """-> (the request object without images, the images as raw bytes or base64 strings)."""
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "multipart/form-data":
-            sent = False
+            total = 0
 
-            async def receive() -> dict:
-                nonlocal sent
-                if sent:
-                    return {"type": "http.request", "body": b"", "more_body": False}
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
+            async def receive() -> dict:  # stream into the parser, counting bytes (no extra copy of the body)
+                nonlocal total
+                message = await request.receive()
+                total += len(message.get("body", b""))
+                if total > max_request_bytes:
+                    raise too_large()
+                return message
 
             replay = Request(request.scope, receive)
             try:
@@ -470,8 +508,12 @@ def create_app(reward_names: list[str], api_key: str | None, max_batch: int = 32
             except HTTPError:
                 raise
             except Exception as e:  # noqa: BLE001
-                raise HTTPError(400 if "exceed" not in str(e).lower() else 413,
-                                f"malformed multipart body: {getattr(e, 'detail', e)}", "bad_request") from None
+                detail = str(getattr(e, "detail", e))
+                if "too many files" in detail.lower():
+                    raise HTTPError(413, f"more than {max_images_per_request} images in one request exceeds the "
+                                         f"limit of {max_images_per_request}; send fewer per request (client: "
+                                         "chunk_size)", "too_large") from None
+                raise HTTPError(400, f"malformed multipart body: {detail}", "bad_request") from None
             try:
                 meta_part = form.get("request")
                 if meta_part is None:
@@ -493,6 +535,7 @@ def create_app(reward_names: list[str], api_key: str | None, max_batch: int = 32
                 return payload, blobs
             finally:
                 await form.close()
+        body = await read_body(request)
         try:
             payload = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
@@ -503,25 +546,19 @@ def create_app(reward_names: list[str], api_key: str | None, max_batch: int = 32
         images = payload.pop("images", None)
         if not isinstance(images, list):
             raise HTTPError(400, "'images' must be a list of base64-encoded PNG/JPEG strings", "bad_request")
-        blobs = []
         for i, s in enumerate(images):
             if not isinstance(s, str):
                 raise HTTPError(400, f"image {i}: expected a base64 string, got {type(s).__name__}", "bad_image",
                                 index=i)
-            try:
-                blobs.append(base64.b64decode(s, validate=True))
-            except (binascii.Error, ValueError) as e:
-                raise HTTPError(400, f"image {i}: invalid base64 ({e})", "bad_image", index=i) from None
-        return payload, blobs
+        return payload, images  # base64-decoded with the images, after the limits are checked
 
     async def score(request: Request) -> Response:
         t0 = time.perf_counter()
         label, n_images, kind, status = "_unknown", 0, None, 200
         try:
             check_auth(request)
-            body = await read_body(request)
-            payload, blobs = await parse(request, body)
-            del body
+            check_length(request)
+            payload, blobs = await parse(request)
             name = payload.get("reward")
             if not isinstance(name, str):
                 raise HTTPError(400, "'reward' must be a reward name string", "bad_request")
@@ -549,7 +586,12 @@ def create_app(reward_names: list[str], api_key: str | None, max_batch: int = 32
                        else f"reward {name!r} failed to load: {b.error}")
                 raise HTTPError(503, msg, "not_ready", {"Retry-After": "1"})
             loop = asyncio.get_running_loop()
-            images = await loop.run_in_executor(decode_pool, decode_images, blobs, max_image_pixels)
+            b.arriving(+1)
+            try:
+                images = await loop.run_in_executor(decode_pool, decode_images, blobs, max_image_pixels)
+            except BaseException:
+                b.arriving(-1)
+                raise
             del blobs
             pieces = b.submit(images, prompts, metadata)
             try:
@@ -575,6 +617,11 @@ def create_app(reward_names: list[str], api_key: str | None, max_batch: int = 32
             metrics.request(label, status, time.perf_counter() - t0, n_images, kind)
 
     async def healthz(request: Request) -> Response:
+        dead = sorted(n for n, b in batchers.items() if b.thread.ident is not None and not b.thread.is_alive()
+                      and not b.stopping)
+        if dead:  # a crashed worker cannot recover: fail liveness so the orchestrator restarts us
+            return Response(_json_dumps({"status": "worker thread dead", "rewards": dead}), status_code=500,
+                            media_type="application/json")
         return Response(_json_dumps({"status": "ok", "version": flowgrpo.__version__}), media_type="application/json")
 
     async def readyz(request: Request) -> Response:
@@ -644,22 +691,25 @@ def _load_options(spec: str | None) -> dict[str, dict[str, Any]] | None:
 
 
 def serve(args: argparse.Namespace) -> int:
+    """``flowgrpo serve-reward``: ``args`` as :func:`add_arguments` defines them (missing ones take its defaults)."""
     import uvicorn
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    defaults = vars(add_arguments(argparse.ArgumentParser()).parse_args(["--reward", "_"]))
+    a = argparse.Namespace(**{**defaults, **{k: v for k, v in vars(args).items() if v is not None}})
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        key = resolve_api_key(args.api_key_file, args.insecure_no_auth)
+        key = resolve_api_key(a.api_key_file, a.insecure_no_auth)
         if key is None:
             log.warning("serving WITHOUT authentication (--insecure-no-auth)")
-        app = create_app(args.reward, key, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                         max_request_bytes=int(args.max_request_mb * 1024 * 1024),
-                         max_images_per_request=args.max_images_per_request,
-                         reward_options=_load_options(args.reward_options), insecure_no_auth=key is None,
-                         max_queue_images=args.max_queue_images)
+        app = create_app(a.reward, key, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms,
+                         max_request_bytes=int(a.max_request_mb * 1024 * 1024),
+                         max_images_per_request=a.max_images_per_request,
+                         reward_options=_load_options(a.reward_options), insecure_no_auth=key is None,
+                         max_queue_images=a.max_queue_images)
     except (ValueError, OSError) as e:
         print(f"flowgrpo serve-reward: {e}", file=sys.stderr)
         return 2
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_keep_alive=30)
+    uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level.lower(), timeout_keep_alive=30)
     return 0
 
 

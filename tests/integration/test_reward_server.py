@@ -140,11 +140,12 @@ def test_http_scores_equal_in_process(transport):
 
 def test_deqa_through_the_remote_protocol(monkeypatch):
     """deqa has no in-process implementation in this build: it exists through a server serving that name."""
-    assert "deqa" not in REGISTRY
     monkeypatch.setitem(REGISTRY, "deqa", MeanReward)  # stands in for the DeQA model on the server side
     ims = _images(5, seed=2)
     with serving(["deqa"]) as (url, _):
-        monkeypatch.delitem(REGISTRY, "deqa")  # the trainer side has no deqa
+        monkeypatch.delitem(REGISTRY, "deqa")  # the trainer side has no deqa model
+        with pytest.raises(ValueError, match="not available"):
+            build_reward("deqa")
         w = WeightedReward({"deqa": 1.0}, options={"deqa": {"url": url, "api_key": KEY}})
         out = w(ims, ["a"] * 5, [{}] * 5)
     np.testing.assert_array_equal(out["deqa"], ims.reshape(5, -1).mean(1))
@@ -266,8 +267,8 @@ def test_404_unknown_reward_lists_the_served_ones():
         assert "'pickscore'" in body["error"] and JPEG in body["error"] and body["served"] == [JPEG]
         with RemoteReward("ocr", url, api_key=KEY) as rr, pytest.raises(RewardServerError, match="HTTP 404"):
             rr(_images(1), [""], [{}])
-    with pytest.raises(ValueError, match="not available"):
-        create_app(["pickscore"], KEY)
+    with pytest.raises(ValueError, match="cannot serve reward 'no_such_reward'"):
+        create_app(["no_such_reward"], KEY)
 
 
 def test_413_request_and_batch_limits():
@@ -388,7 +389,7 @@ def test_client_survives_server_kill_and_restart():
     url = f"http://127.0.0.1:{port}"
     procs = [_start_server_process(port)]
     try:
-        rr = RemoteReward("_slow_jpeg", url, chunk_size=2, max_parallel_chunks=1, retry_budget_s=30,
+        rr = RemoteReward("_slow_jpeg", url, api_key=KEY, chunk_size=2, max_parallel_chunks=1, retry_budget_s=30,
                           backoff_base_s=0.1, backoff_max_s=0.5, timeout_s=10)
         rr.wait_ready(20, poll_s=0.05)
         ims = _images(12, seed=3)
@@ -408,7 +409,7 @@ def test_client_survives_server_kill_and_restart():
 
         # killed and not restarted: a clear error naming the URL and the last exception, within the budget
         _kill(procs[-1])
-        rr2 = RemoteReward("_slow_jpeg", url, retry_budget_s=1.0, backoff_base_s=0.1, backoff_max_s=0.3)
+        rr2 = RemoteReward("_slow_jpeg", url, api_key=KEY, retry_budget_s=1.0, backoff_base_s=0.1, backoff_max_s=0.3)
         t0 = time.monotonic()
         with pytest.raises(RewardServerError) as ei:
             rr2(ims[:2], prompts[:2], [{}, {}])
@@ -423,3 +424,18 @@ def test_client_survives_server_kill_and_restart():
             _kill(p)
             if p.stderr:
                 p.stderr.close()
+
+
+def test_serve_cli_refuses_to_start_without_a_key(monkeypatch, capsys, tmp_path):
+    from flowgrpo.rewards.server import main, resolve_api_key
+
+    monkeypatch.delenv("FLOWGRPO_REWARD_API_KEY", raising=False)
+    assert main(["--reward", JPEG, "--port", "1"]) == 2
+    assert "FLOWGRPO_REWARD_API_KEY" in capsys.readouterr().err
+    assert main(["--reward", "no_such_reward", "--insecure-no-auth", "--port", "1"]) == 2
+    assert "cannot serve reward 'no_such_reward'" in capsys.readouterr().err
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    monkeypatch.setenv("FLOWGRPO_REWARD_API_KEY", "from-env")
+    assert resolve_api_key(str(key_file), False) == "from-file"
+    assert resolve_api_key(None, False) == "from-env"
