@@ -224,6 +224,31 @@ class EvalConfig:
 
 
 @dataclass
+class StorageConfig:
+    #: where checkpoints go: empty = <output_dir>/checkpoints; or any storage URI (s3://bucket/prefix, a path)
+    checkpoint_uri: str = ""
+    #: where the final diffusers-format model is published: empty = <output_dir>/final; or a storage URI
+    final_uri: str = ""
+
+
+@dataclass
+class TrackingConfig:
+    #: log to MLflow (rank 0); metrics.jsonl is always written
+    enabled: bool = True
+    #: MLflow tracking URI; empty = $MLFLOW_TRACKING_URI, else the embedded sqlite store under the state dir
+    tracking_uri: str = ""
+    experiment: str = "flowgrpo"
+    run_name: str = ""
+    #: fail at start when the tracking server is unreachable (False: continue with metrics.jsonl only)
+    required: bool = True
+    #: log a training image grid every N epochs
+    image_every: int = 10
+
+    def __post_init__(self) -> None:
+        _check(self.image_every >= 1, "tracking.image_every", self.image_every, "an int >= 1")
+
+
+@dataclass
 class RunConfig:
     #: where metrics.jsonl, checkpoints/ and final/ go
     output_dir: str = "runs/flowgrpo"
@@ -234,6 +259,8 @@ class RunConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     #: reward name -> weight; the training reward is the weighted sum (weight 0 = logged only)
     reward: dict[str, float] = field(default_factory=lambda: {"jpeg_compressibility": 1.0})
     #: per-reward constructor options, e.g. {"pickscore": {"model": "yuvalkirstain/PickScore_v1"},
