@@ -29,6 +29,6 @@ def tiny_cfg(tiny_model_dir, tmp_path):
     def make(*overrides: str, out: Path | None = None) -> RunConfig:
         return load_config(REPO / "configs" / "tiny_cpu.yaml",
                            [f"model.path={tiny_model_dir}", f"output_dir={out or tmp_path / 'run'}", "eval.every=0",
-                            *overrides])
+                            "tracking.enabled=false", *overrides])
 
     return make

@@ -22,7 +22,7 @@ def _torchrun(tmp_path: Path, model_dir: Path, *overrides: str) -> tuple[Path, s
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "tests" / "integration" / "dist_worker.py"), str(REPO / "configs" / "tiny_cpu.yaml"),
            f"model.path={model_dir}", f"output_dir={out}", "train.epochs=2", "eval.every=2", "eval.num_prompts=4",
-           "sample.num_batches_per_epoch=2", "train.gradient_accumulation_steps=1", *overrides]
+           "sample.num_batches_per_epoch=2", "train.gradient_accumulation_steps=1", "tracking.enabled=false", *overrides]
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     return out, p.stdout

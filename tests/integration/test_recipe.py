@@ -158,7 +158,8 @@ def test_killed_run_resumes_from_last_checkpoint(tiny_cfg, tmp_path):
     """SIGKILL a training process after its first checkpoint; `--resume auto` continues from it and ends
     with the same weights as an uninterrupted run."""
     out = tmp_path / "killed"
-    args = [f"model.path={tiny_cfg().model.path}", "eval.every=0", "train.epochs=6", "train.checkpoint_every=1"]
+    args = [f"model.path={tiny_cfg().model.path}", "eval.every=0", "train.epochs=6", "train.checkpoint_every=1",
+            "tracking.enabled=false"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "flowgrpo.cli", "train", "--config", "configs/tiny_cpu.yaml", f"output_dir={out}", *args]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
