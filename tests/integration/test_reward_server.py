@@ -389,7 +389,7 @@ def test_client_survives_server_kill_and_restart():
     url = f"http://127.0.0.1:{port}"
     procs = [_start_server_process(port)]
     try:
-        rr = RemoteReward("_slow_jpeg", url, api_key=KEY, chunk_size=2, max_parallel_chunks=1, retry_budget_s=30,
+        rr = RemoteReward("_slow_jpeg", url, api_key=KEY, chunk_size=2, max_parallel_chunks=1, retry_budget_s=30, max_retries=1000,
                           backoff_base_s=0.1, backoff_max_s=0.5, timeout_s=10)
         rr.wait_ready(20, poll_s=0.05)
         ims = _images(12, seed=3)
