@@ -4,6 +4,8 @@
   flowgrpo validate --config configs/geneval_sd3.yaml [--world-size 32] [key=value ...]
   flowgrpo make-tiny-model DIR [--spec tiny|bench_cpu]
   flowgrpo bench rollout|train [--model DIR] [--batch 8] [--steps 10] [--resolution 128] [--guidance 4.5]
+  flowgrpo registry show|promote|rollback|register --model NAME [--version V] [--gate GATE.yaml] [--tracking-uri URI]
+  flowgrpo mlflow-ui [--port 5000] [--print-only]
 """
 
 from __future__ import annotations
@@ -53,6 +55,66 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     print(json.dumps(run_bench(args)))
     return 0
+
+
+def _cmd_registry(args: argparse.Namespace) -> int:
+    from flowgrpo import registry as reg
+    from flowgrpo.tracking import TrackingUnavailableError
+
+    uri = args.tracking_uri
+    try:
+        if args.action == "show":
+            info = reg.show(args.model, tracking_uri=uri)
+            print(json.dumps(info, indent=1) if args.json else reg.format_show(info))
+            return 0
+        if args.action == "promote":
+            if not args.version or not args.gate:
+                print("flowgrpo registry promote: --version and --gate are required", file=sys.stderr)
+                return 2
+            res = reg.promote(args.model, args.version, reg.Gate.from_yaml(args.gate), tracking_uri=uri,
+                              dry_run=args.dry_run)
+            print(json.dumps(res.to_dict(), indent=1))
+            return 0 if res.promoted else 1
+        if args.action == "rollback":
+            print(json.dumps(reg.rollback(args.model, tracking_uri=uri)))
+            return 0
+        # register
+        if not args.source:
+            print("flowgrpo registry register: --source is required", file=sys.stderr)
+            return 2
+        metrics = {}
+        for item in args.metric or []:
+            k, _, v = item.partition("=")
+            metrics[k] = float(v)
+        tags = dict(t.partition("=")[::2] for t in args.tag or [])
+        version = reg.register(args.model, args.source, args.run_id, kfp_run_id=args.kfp_run_id, metrics=metrics,
+                               tags=tags, tracking_uri=uri)
+        print(json.dumps({"model": args.model, "version": version}))
+        return 0
+    except (reg.RegistryError, reg.GateError, TrackingUnavailableError, ValueError) as e:
+        print(f"flowgrpo registry {args.action}: {e}", file=sys.stderr)
+        return 2
+
+
+def _cmd_mlflow_ui(args: argparse.Namespace) -> int:
+    """``mlflow ui`` on the embedded store (or --tracking-uri / $MLFLOW_TRACKING_URI when it is a DB)."""
+    import os
+    import shlex
+
+    from flowgrpo.tracking import _prepare_store, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    if uri.startswith(("http://", "https://")):
+        print(f"tracking goes to a server: open {uri}")
+        return 0
+    _prepare_store(uri)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+           "--port", str(args.port)]
+    print(shlex.join(cmd), flush=True)
+    if args.print_only:
+        return 0
+    os.execv(sys.executable, cmd)
+    return 0  # pragma: no cover - execv does not return
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,6 +169,28 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--min-seconds", type=float, default=2.0, help="reward-server bench: time per measurement")
     b.add_argument("--max-wait-ms", type=float, default=2.0, help="reward-server bench: server batching wait")
     b.set_defaults(fn=_cmd_bench)
+
+    r = sub.add_parser("registry", help="MLflow model registry: show, gated promote, rollback, register")
+    r.add_argument("action", choices=["show", "promote", "rollback", "register"])
+    r.add_argument("--model", required=True, help="registered model name")
+    r.add_argument("--version", help="promote: the version to promote")
+    r.add_argument("--gate", help="promote: YAML gate (metric, min_improvement, guards; see flowgrpo.registry)")
+    r.add_argument("--dry-run", action="store_true", help="promote: evaluate the gate, move nothing")
+    r.add_argument("--tracking-uri", default=None, help="else $MLFLOW_TRACKING_URI, else the embedded store")
+    r.add_argument("--json", action="store_true", help="show: JSON instead of text")
+    r.add_argument("--source", help="register: storage URI of the final weights")
+    r.add_argument("--run-id", default=None, help="register: the training's MLflow run (mlflow_run.json)")
+    r.add_argument("--kfp-run-id", default=None, help="register: idempotency key (default: the run's kfp.run_id)")
+    r.add_argument("--metric", action="append", metavar="NAME=VALUE", help="register: eval metric (repeat)")
+    r.add_argument("--tag", action="append", metavar="KEY=VALUE", help="register: extra version tag (repeat)")
+    r.set_defaults(fn=_cmd_registry)
+
+    u = sub.add_parser("mlflow-ui", help="run `mlflow ui` on the embedded tracking store")
+    u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--tracking-uri", default=None, help="a sqlite:// or DB URI (default: the embedded store)")
+    u.add_argument("--print-only", action="store_true", help="print the command instead of running it")
+    u.set_defaults(fn=_cmd_mlflow_ui)
     return p
 
 
@@ -122,6 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"flowgrpo: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # MLflow unreachable at start: one clear line naming the URI, no traceback
+        from flowgrpo.tracking import TrackingUnavailableError
+
+        if not isinstance(e, TrackingUnavailableError):
+            raise
+        print(f"flowgrpo: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":
