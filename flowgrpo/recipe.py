@@ -95,6 +95,11 @@ class GRPORecipe:
         cfg = self.cfg
         env = read_env()
         cfg.check_world_size(env.world_size)  # before anything expensive
+        # MLflow reachable? (rank 0, before any model is built: TrackingUnavailableError names the URI)
+        from flowgrpo.tracking import preflight
+
+        self.tracker = None
+        self._tracking_ok = env.is_main and preflight(cfg)
         self.prompts = load_prompts(cfg.data.train_prompts)
         self.test_prompts = load_prompts(cfg.data.test_prompts) if cfg.data.test_prompts else None
         self.reward_fn = WeightedReward(cfg.reward, options=cfg.reward_options)
@@ -143,16 +148,21 @@ class GRPORecipe:
             save_config(cfg, out / "config.yaml")
         self.start_epoch, self.global_step = 0, 0
         self._maybe_resume()
+        if self._tracking_ok:  # after resume: a resumed training continues its MLflow run (mlflow_run.json)
+            from flowgrpo.tracking import open_tracking
+
+            self.tracker = open_tracking(cfg, resumed=self.start_epoch > 0)
+            if self.tracker is not None:
+                self.logger.loggers.append(self.tracker)
+                self._print(f"MLflow run {self.tracker.run_id} at {self.tracker.tracking_uri}")
 
     def _maybe_resume(self) -> None:
         if self.resume == "never":
             return
-        root = ckpt.checkpoint_root(self.cfg.output_dir)
-        path = ckpt.latest_checkpoint(root) if self.resume == "auto" else Path(self.resume)
-        if path is None:
+        found = self._resume_dir()
+        if found is None:
             return
-        if not (path / "state.json").is_file():
-            raise FileNotFoundError(f"--resume {path}: not a complete checkpoint (no state.json)")
+        location, path = found
         state = ckpt.read_state(path)
         self.adapter.load_trainable_state_dict(load_file(str(path / "trainable.safetensors")))
         if (path / "deepspeed").is_dir():
@@ -167,7 +177,43 @@ class GRPORecipe:
         self.start_epoch, self.global_step = state["epoch"] + 1, state["global_step"]
         if self.jsonl is not None:
             self.jsonl.truncate_after(state["epoch"])
-        self._print(f"resumed from {path} (epoch {state['epoch']}, step {self.global_step})")
+        self._print(f"resumed from {location} (epoch {state['epoch']}, step {self.global_step})")
+
+    def _checkpoint_root(self):
+        """``storage.checkpoint_uri`` (any storage URI) or ``<output_dir>/checkpoints``."""
+        return ckpt.checkpoint_root(self.cfg.output_dir, self.cfg.storage.checkpoint_uri)
+
+    def _resume_dir(self) -> tuple[str, Path] | None:
+        """(checkpoint location, local verified directory) to resume from, or None. Rank 0 picks the checkpoint
+        (the newest complete one for ``auto``; S3 ones are downloaded and hash-checked into the local cache);
+        the other ranks use the same one, fetching it themselves where rank 0's copy is not visible."""
+        cache = ckpt.cache_dir(self.cfg.output_dir)
+        choice: list[Any] = [None, None, None]  # location, local dir, rank 0's error
+        error: BaseException | None = None
+        if self.is_main:
+            try:
+                if self.resume == "auto":
+                    found = ckpt.fetch_latest(self._checkpoint_root(), cache)
+                else:
+                    found = (self.resume, ckpt.fetch(self.resume, cache))
+                if found is not None:
+                    choice[:2] = str(found[0]), str(found[1])
+            except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks heard of it
+                error, choice[2] = e, f"{type(e).__name__}: {e}"
+        if self.world > 1:
+            from accelerate.utils import broadcast_object_list
+
+            choice = broadcast_object_list(choice, from_process=0)
+        if error is not None:
+            raise error
+        if choice[2] is not None:
+            raise RuntimeError(f"rank 0 could not resolve the checkpoint to resume from: {choice[2]}")
+        if choice[0] is None:
+            return None
+        local = Path(choice[1])
+        if not self.is_main and not (local / ckpt.STATE).is_file():  # a node without rank 0's file system
+            local = ckpt.fetch(choice[0], cache)
+        return choice[0], local
 
     # ------------------------------------------------------------------------------------------ loop
     def train(self) -> dict[str, Any]:
@@ -189,7 +235,7 @@ class GRPORecipe:
                           sample_s=samples.sample_s, train_s=train_s, epoch_s=time.perf_counter() - t0)
             if self.is_main:
                 self.logger.log_metrics(record, step=epoch)
-                if epoch % 10 == 0 or epoch == cfg.train.epochs - 1:
+                if epoch % cfg.tracking.image_every == 0 or epoch == cfg.train.epochs - 1:
                     self.logger.log_images("train", samples.preview[0], samples.preview[1], step=epoch)
                 self._print(f"epoch {epoch}: reward {record['reward_mean']:.4f} ± {record['reward_std']:.4f} "
                             f"kl {record['kl']} clipfrac {record['clipfrac']:.3f} {record['epoch_s']:.1f}s")
@@ -385,9 +431,11 @@ class GRPORecipe:
         return out
 
     # -------------------------------------------------------------------------------------- checkpoints
-    def save_checkpoint(self, epoch: int) -> Path | None:
-        acc, root = self.accelerator, ckpt.checkpoint_root(self.cfg.output_dir)
-        tmp = ckpt.tmp_dir_for(root, self.global_step)
+    def save_checkpoint(self, epoch: int) -> Path | str | None:
+        """Every rank writes its part into a local staging dir; rank 0 publishes it as ``<root>/step-N``
+        (manifest, ``_COMPLETE`` marker last; a rename for local roots, an upload for S3) and prunes."""
+        acc, root = self.accelerator, self._checkpoint_root()
+        tmp = ckpt.staging_dir(self.cfg.output_dir, root, self.global_step)
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -412,11 +460,18 @@ class GRPORecipe:
         return path
 
     def export_final(self) -> None:
-        """``<output_dir>/final``: a diffusers-format pipeline with the (EMA) trained weights merged."""
+        """``<output_dir>/final``: a diffusers-format pipeline with the (EMA) trained weights merged; also
+        published (manifest, ``_COMPLETE`` marker last) at ``storage.final_uri`` when that is set."""
         if self.is_main:
+            final = Path(self.cfg.output_dir) / "final"
             ctx = self.ema.swapped() if self.ema is not None else _null()
             with ctx:
-                self.adapter.save_pretrained(str(Path(self.cfg.output_dir) / "final"))
+                self.adapter.save_pretrained(str(final))
+            if self.cfg.storage.final_uri:
+                from flowgrpo import storage
+
+                storage.publish_dir(final, self.cfg.storage.final_uri)
+                self._print(f"published the final model to {self.cfg.storage.final_uri}")
         self.accelerator.wait_for_everyone()
 
     # -------------------------------------------------------------------------------------- misc
@@ -424,10 +479,13 @@ class GRPORecipe:
         if self.is_main:
             tqdm.write(f"[flowgrpo] {msg}")
 
-    def cleanup(self) -> None:
+    def cleanup(self, status: str = "FINISHED") -> None:
+        """``status``: how the run ended (FINISHED / FAILED / KILLED), passed to the MLflow run."""
         self.executor.shutdown(wait=True)
         if self.logger is not None:
-            self.logger.close()
+            from flowgrpo.tracking import close_logger
+
+            close_logger(self.logger, status)
         self.accelerator.end_training()
 
 
@@ -459,7 +517,13 @@ class _null:
 def run_training(cfg: RunConfig, resume: str = "auto", logger: MetricsLogger | None = None) -> dict[str, Any]:
     recipe = GRPORecipe(cfg, resume=resume, logger=logger)
     recipe.setup()
+    status = "FAILED"
     try:
-        return recipe.train()
+        result = recipe.train()
+        status = "FINISHED"
+        return result
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
-        recipe.cleanup()
+        recipe.cleanup(status=status)
