@@ -23,6 +23,7 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/flowgrpo train --config configs/tiny_cpu.yaml output_dir=$(DEMO_DIR)
 	@echo "results: $(DEMO_DIR)/metrics.jsonl, image grids in $(DEMO_DIR)/samples/, model in $(DEMO_DIR)/final/"
+	@echo "MLflow (embedded sqlite): $(BIN)/flowgrpo mlflow-ui   then open http://127.0.0.1:5000"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra
