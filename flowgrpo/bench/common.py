@@ -35,10 +35,6 @@ def peak_rss_mb() -> float:
     return rss / (1024.0 * 1024.0) if sys.platform == "darwin" else rss / 1024.0  # bytes on macOS, KiB on Linux
 
 
-def finite_round(x: float, digits: int = 4) -> float:
-    return float(f"{float(x):.{digits}g}")
-
-
 class CallCounter:
     """Counts (and times) the calls of ``module.forward``: ``calls``, ``rows`` (batch dim of ``hidden_states``
     per call) and ``seconds`` (wall time inside the module). Use as a context manager; hooks are removed on exit."""
@@ -128,6 +124,31 @@ class CpuMonitor:
         }
 
 
+class Usage:
+    """Accumulates this process's CPU user/system seconds and minor page faults over ``with`` blocks
+    (``sys`` + ``minflt`` show allocator churn: freed memory given back to the OS and faulted in again)."""
+
+    def __init__(self) -> None:
+        self.user = self.sys = 0.0
+        self.minflt = 0
+        self.n = 0
+
+    def __enter__(self) -> "Usage":
+        self._r0 = resource.getrusage(resource.RUSAGE_SELF)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        self.user += r1.ru_utime - self._r0.ru_utime
+        self.sys += r1.ru_stime - self._r0.ru_stime
+        self.minflt += r1.ru_minflt - self._r0.ru_minflt
+        self.n += 1
+
+    def per_run(self) -> dict[str, float]:
+        n = max(self.n, 1)
+        return {"user_s": round(self.user / n, 4), "sys_s": round(self.sys / n, 4), "minflt": self.minflt // n}
+
+
 def environment() -> dict[str, Any]:
     """Threads / versions / load (for reading a result line later)."""
     try:
@@ -142,4 +163,4 @@ def environment() -> dict[str, Any]:
     }
 
 
-__all__ = ["CallCounter", "CpuMonitor", "Timed", "bench_prompts", "environment", "median", "peak_rss_mb"]
+__all__ = ["CallCounter", "CpuMonitor", "Timed", "Usage", "bench_prompts", "environment", "median", "peak_rss_mb"]

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from flowgrpo.bench.common import CallCounter, CpuMonitor, Timed, bench_prompts, environment, median, peak_rss_mb
+from flowgrpo.bench.common import (CallCounter, CpuMonitor, Timed, Usage, bench_prompts, environment, median,
+                                   peak_rss_mb)
 from flowgrpo.bench.flops import count_flops, measure_matmul_peak
 from flowgrpo.bench.setup import apply_speedups, eager, load_bench_adapter
 
@@ -83,15 +84,18 @@ def bench_rollout(args: Any) -> dict[str, Any]:
 
         runs: list[dict[str, float]] = []
         base_s: list[float] = []
+        use, base_use = Usage(), Usage()
         with CpuMonitor() as mon, CallCounter(adapter.transformer) as timer:
             for r in range(repeats):
                 before = timer.seconds
-                _, ph = ours(30_000 + 1000 * r)
+                with use:
+                    _, ph = ours(30_000 + 1000 * r)
                 ph["transformer"] = timer.seconds - before
                 runs.append(ph)
                 if with_baseline:
                     t0 = time.perf_counter()
-                    baseline(3 + r)
+                    with base_use:
+                        baseline(3 + r)
                     base_s.append(time.perf_counter() - t0)
                     timer.seconds = before + ph["transformer"]  # the baseline may share the module
     finally:
@@ -133,6 +137,7 @@ def bench_rollout(args: Any) -> dict[str, Any]:
         "first_run_s": round(first_run_s, 3),
         "compile_s": round(max(0.0, first_run_s - total), 3) if speedups.get("compile") else None,
         "image_shape": list(images.shape),
+        "usage_per_batch": use.per_run(),
     }
     if with_baseline:
         base = median(base_s)
@@ -142,6 +147,7 @@ def bench_rollout(args: Any) -> dict[str, Any]:
             baseline_flops_per_image=base_flops / batch,
             baseline_transformer_calls_per_step=base_calls.calls / steps,
             speedup_vs_baseline=round(base / total, 4),
+            baseline_usage_per_batch=base_use.per_run(),
         )
     out.update(cpu=mon.report(), env=environment(), speedups=speedups)
     check_finite(out)

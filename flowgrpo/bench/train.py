@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from flowgrpo.bench.common import CallCounter, CpuMonitor, bench_prompts, environment, median, peak_rss_mb
+from flowgrpo.bench.common import CallCounter, CpuMonitor, Usage, bench_prompts, environment, median, peak_rss_mb
 from flowgrpo.bench.flops import count_flops, measure_matmul_peak
 from flowgrpo.bench.rollout import _peak_kwargs, check_finite
 from flowgrpo.bench.setup import apply_speedups, eager, load_bench_adapter
@@ -127,8 +127,12 @@ def bench_train(args: Any) -> dict[str, Any]:
         _, fwd_flops = count_flops(recipe.step_loss, traj, adv, 0)
     recipe.model = adapter.transformer
 
+    use = Usage()
+    single: list[float] = []
     with CpuMonitor() as mon:
-        single = [update([full_ks[r % k_full]]) for r in range(repeats)]
+        for r in range(repeats):
+            with use:
+                single.append(update([full_ks[r % k_full]]))
         updates = [update(window_ks) for _ in range(repeats)]
         full_updates = [update(full_ks) for _ in range(repeats)] if window_size > 0 else updates
 
@@ -161,6 +165,7 @@ def bench_train(args: Any) -> dict[str, Any]:
         "rollout_s": round(rollout_s, 3),
         "first_step_s": round(first_step_s, 3),
         "compile_s": round(max(0.0, first_step_s - s_step), 3) if speedups.get("compile") else None,
+        "usage_per_train_step": use.per_run(),
     }
     if window_size > 0:
         out["full_trained_steps"] = k_full
