@@ -67,6 +67,18 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
     return lp.mean(dim=tuple(range(1, lp.ndim)))
 
 
+def _transition(mean: torch.Tensor, std: torch.Tensor, std_dev_t: torch.Tensor, noise: torch.Tensor | None,
+                prev_sample: torch.Tensor | None) -> StepOutput:
+    """Sample x' = mean + std z (unless ``prev_sample`` is given) and score it. mean [B, *D]; std [B, 1...]."""
+    if prev_sample is None:
+        if noise is None:
+            noise = torch.randn_like(mean)
+        prev_sample = mean + std * noise.float()
+    prev_sample = prev_sample.float()
+    log_prob = gaussian_log_prob(prev_sample, mean, std)
+    return StepOutput(prev_sample, log_prob, mean, std.flatten(), std_dev_t.flatten())
+
+
 def ode_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
     """Euler step of dx = v ds: ``x + (s' - s) v``. x, v: [B, *D] -> [B, *D] fp32."""
     x, v = x.float(), v.float()
@@ -103,13 +115,7 @@ def sde_step(
     std_dev_t = noise_level * torch.sqrt(s / (1 - s_safe))  # [B, 1...]
     mean = x * (1 + std_dev_t**2 * dt / (2 * s)) + v * (1 + std_dev_t**2 * (1 - s) / (2 * s)) * dt
     std = std_dev_t * torch.sqrt(-dt)  # [B, 1...]
-    if prev_sample is None:
-        if noise is None:
-            noise = torch.randn_like(x)
-        prev_sample = mean + std * noise.float()
-    prev_sample = prev_sample.float()
-    log_prob = gaussian_log_prob(prev_sample, mean, std)
-    return StepOutput(prev_sample, log_prob, mean, std.flatten(), std_dev_t.flatten())
+    return _transition(mean, std, std_dev_t, noise, prev_sample)
 
 
 def cps_step(
@@ -136,13 +142,7 @@ def cps_step(
     x0_hat = x - s * v
     x1_hat = x + (1 - s) * v
     mean = (1 - s_next) * x0_hat + torch.sqrt(torch.clamp(s_next**2 - std**2, min=0.0)) * x1_hat
-    if prev_sample is None:
-        if noise is None:
-            noise = torch.randn_like(x)
-        prev_sample = mean + std * noise.float()
-    prev_sample = prev_sample.float()
-    log_prob = gaussian_log_prob(prev_sample, mean, std)
-    return StepOutput(prev_sample, log_prob, mean, std.flatten(), std.flatten())
+    return _transition(mean, std, std, noise, prev_sample)
 
 
 def stochastic_step(
