@@ -122,10 +122,9 @@ class GRPORecipe:
             m.family, m.path, revision=m.revision, device=acc.device, mixed_precision=m.mixed_precision,
             max_sequence_length=m.max_sequence_length, full_finetune=not m.use_lora,
             needs_reference=cfg.train.beta > 0)
-        if m.use_lora:
-            from flowgrpo.models.sd3 import SD3_LORA_TARGETS
-
-            self.adapter.add_lora(m.lora_rank, m.lora_alpha, m.lora_targets or SD3_LORA_TARGETS)
+        if m.use_lora:  # empty lora_targets: the family's default attention projections
+            targets = {"target_modules": m.lora_targets} if m.lora_targets else {}
+            self.adapter.add_lora(m.lora_rank, m.lora_alpha, **targets)
         self.params = self.adapter.trainable_parameters()
         t = cfg.train
         optimizer = torch.optim.AdamW(self.params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
