@@ -1,9 +1,11 @@
-"""Benchmarks behind ``flowgrpo bench rollout|train``: one JSON-serialisable dict per run (the CLI prints one line).
+"""Benchmarks behind ``flowgrpo bench rollout|train|reward-server``: one JSON-serialisable dict per run (the CLI
+prints one line).
 
 * ``rollout``: images/s of encode + SDE sampling + decode, FLOPs/MFU, transformer calls per step, and a plain
   diffusers ``StableDiffusion3Pipeline`` measured in the same process (``speedup_vs_baseline``).
 * ``train``: one training timestep exactly as ``GRPORecipe.step_loss`` (+ backward, grad clip, AdamW), its MFU,
   and the measured update loop over the trained steps (full: int(0.99 T); ``--window``: the window).
+* ``reward-server``: reward throughput through the HTTP reward server vs in-process (:mod:`.reward_server`).
 """
 
 from __future__ import annotations
@@ -14,11 +16,15 @@ from flowgrpo.bench.flops import count_flops, flop_counter, measure_matmul_peak
 
 
 def run_bench(args: Any) -> dict[str, Any]:
-    """Dispatch on ``args.what`` ('rollout' | 'train'); ``args`` is the CLI namespace (see flowgrpo.cli)."""
+    """Dispatch on ``args.what`` ('rollout' | 'train' | 'reward-server'); ``args`` is the CLI namespace."""
     import torch
 
+    if args.what == "reward-server":
+        from flowgrpo.bench.reward_server import run
+
+        return run(args)
     if args.what not in ("rollout", "train"):
-        raise ValueError(f"unknown benchmark {args.what!r}: expected 'rollout' or 'train'")
+        raise ValueError(f"unknown benchmark {args.what!r}: expected 'rollout', 'train' or 'reward-server'")
     threads = torch.get_num_threads()
     try:
         if args.what == "rollout":

@@ -24,7 +24,7 @@ MAX_SEQUENCE_LENGTH = 128
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
-def load_bench_adapter(args: Any, full_finetune: bool = False):
+def load_bench_adapter(args: Any, full_finetune: bool = False, needs_reference: bool = False):
     from flowgrpo.models import load_adapter
 
     threads = int(getattr(args, "threads", 0) or 0)
@@ -32,7 +32,7 @@ def load_bench_adapter(args: Any, full_finetune: bool = False):
         torch.set_num_threads(threads)
     return load_adapter("sd3", args.model, device="cpu", mixed_precision="no",
                         max_sequence_length=int(getattr(args, "max_sequence_length", MAX_SEQUENCE_LENGTH)),
-                        full_finetune=full_finetune, needs_reference=False)
+                        full_finetune=full_finetune, needs_reference=needs_reference)
 
 
 def tune_malloc(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 << 31) -> bool:
