@@ -126,28 +126,13 @@ class SD3Adapter:
     # ------------------------------------------------------------------------------------------ construction
 
     @classmethod
-    def from_pipeline(
-        cls,
-        pipe: "StableDiffusion3Pipeline",
-        device: str | torch.device = "cpu",
-        mixed_precision: str = "no",
-        max_sequence_length: int = 128,
-        full_finetune: bool = False,
-        needs_reference: bool = True,
-    ) -> "SD3Adapter":
-        """Wrap an in-memory pipeline (its modules are moved/cast in place)."""
-        return cls(pipe, device, mixed_precision, max_sequence_length, full_finetune, needs_reference)
+    def from_pipeline(cls, pipe: "StableDiffusion3Pipeline", **kwargs: Any) -> "SD3Adapter":
+        """Wrap an in-memory pipeline (its modules are moved/cast in place); kwargs as for the constructor."""
+        return cls(pipe, **kwargs)
 
     @classmethod
-    def from_pretrained(
-        cls,
-        path: str | os.PathLike,
-        device: str | torch.device = "cpu",
-        mixed_precision: str = "no",
-        max_sequence_length: int = 128,
-        full_finetune: bool = False,
-        needs_reference: bool = True,
-    ) -> "SD3Adapter":
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu", mixed_precision: str = "no",
+                        **kwargs: Any) -> "SD3Adapter":
         """Load a local diffusers-format SD3 directory (see :func:`flowgrpo.models.loading.resolve_model_path`).
         Text encoders are loaded directly in the compute dtype on CUDA (T5-XXL in fp32 would need ~19 GB)."""
         from diffusers import StableDiffusion3Pipeline
@@ -157,7 +142,7 @@ class SD3Adapter:
         if dtype is not None and torch.device(device).type == "cuda":
             torch_dtype = {"transformer": torch.float32, "vae": torch.float32, "default": dtype}
         pipe = StableDiffusion3Pipeline.from_pretrained(str(path), **{_dtype_kwarg(): torch_dtype})
-        return cls(pipe, device, mixed_precision, max_sequence_length, full_finetune, needs_reference)
+        return cls(pipe, device=device, mixed_precision=mixed_precision, **kwargs)
 
     # ---------------------------------------------------------------------------------------------- geometry
 
