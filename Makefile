@@ -15,15 +15,15 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[train,rewards,test]"
+	$(BIN)/pip install -q -e ".[train,rewards,kfp,test]"
 	touch $(STAMP)
 
 venv: $(STAMP)
 
+# the whole pipeline DAG on this machine (kfp.local): fetch -> reward server -> torchrun training -> eval ->
+# gated registration in MLflow (embedded sqlite); prints each task's wall time and the registered version
 demo: $(STAMP)
-	$(BIN)/flowgrpo train --config configs/tiny_cpu.yaml output_dir=$(DEMO_DIR)
-	@echo "results: $(DEMO_DIR)/metrics.jsonl, image grids in $(DEMO_DIR)/samples/, model in $(DEMO_DIR)/final/"
-	@echo "MLflow (embedded sqlite): $(BIN)/flowgrpo mlflow-ui   then open http://127.0.0.1:5000"
+	$(BIN)/flowgrpo pipeline run --local --preset tiny_cpu --pipeline-root $(DEMO_DIR)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra

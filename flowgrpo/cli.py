@@ -6,6 +6,7 @@
   flowgrpo bench rollout|train [--model DIR] [--batch 8] [--steps 10] [--resolution 128] [--guidance 4.5]
   flowgrpo registry show|promote|rollback|register --model NAME [--version V] [--gate GATE.yaml] [--tracking-uri URI]
   flowgrpo mlflow-ui [--port 5000] [--print-only]
+  flowgrpo pipeline run --local | compile [--check] | upload | submit | schedule   (see flowgrpo.pipeline.cli)
 """
 
 from __future__ import annotations
@@ -197,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--tracking-uri", default=None, help="a sqlite:// or DB URI (default: the embedded store)")
     u.add_argument("--print-only", action="store_true", help="print the command instead of running it")
     u.set_defaults(fn=_cmd_mlflow_ui)
+
+    from flowgrpo.pipeline.cli import add_parser as add_pipeline_parser
+
+    add_pipeline_parser(sub)
     return p
 
 

@@ -395,10 +395,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Load a YAML preset (or the defaults), apply dotted overrides, validate everything."""
     tree: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError("--config", str(path), "an existing YAML file (see configs/)")
-        tree = yaml.safe_load(p.read_text()) or {}
+        if str(path).startswith("s3://"):  # the pipeline's resolved config, published next to the run
+            from flowgrpo import storage
+
+            try:
+                text = storage.read_text(str(path))
+            except storage.StorageError as e:
+                raise ConfigError("--config", str(path), f"a readable YAML object ({e})") from e
+        else:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError("--config", str(path), "an existing YAML file (see configs/)")
+            text = p.read_text()
+        tree = yaml.safe_load(text) or {}
         if not isinstance(tree, dict):
             raise ConfigError("--config", str(path), "a YAML mapping at the top level")
     for key, value in parse_overrides(overrides or []):

@@ -1,0 +1,1 @@
+"""KFP pipelines: ``flow_grpo`` (train → evaluate → gated registration) and ``evaluate_model``."""
