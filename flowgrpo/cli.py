@@ -217,9 +217,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"flowgrpo: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # MLflow unreachable at start: one clear line naming the URI, no traceback
+    except Exception as e:  # MLflow / KFP unreachable or refusing: one clear line, no traceback
+        from flowgrpo.pipeline.kfp_client import PipelineClientError
         from flowgrpo.tracking import TrackingUnavailableError
 
+        if isinstance(e, PipelineClientError):
+            print(f"flowgrpo: {e}", file=sys.stderr)
+            return 2
         if not isinstance(e, TrackingUnavailableError):
             raise
         print(f"flowgrpo: {e}", file=sys.stderr)
