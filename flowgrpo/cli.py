@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_serve_reward)
 
     b = sub.add_parser("bench", help="benchmarks printing one JSON line")
-    b.add_argument("what", choices=["rollout", "train", "reward-server"])
+    b.add_argument("what", choices=["rollout", "train", "reward-server", "dag"])
     b.add_argument("--model", default="tiny:bench_cpu", help="diffusers SD3 dir, or tiny:<spec>")
     b.add_argument("--batch", type=int, default=8)
     b.add_argument("--steps", type=int, default=10)
@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--clients", type=int, default=4, help="reward-server bench: concurrent clients")
     b.add_argument("--min-seconds", type=float, default=2.0, help="reward-server bench: time per measurement")
     b.add_argument("--max-wait-ms", type=float, default=2.0, help="reward-server bench: server batching wait")
+    b.add_argument("--preset", default="tiny_cpu", help="dag bench: the preset the local pipeline trains")
+    b.add_argument("--epochs", type=int, default=0, help="dag bench: epochs (0 = the preset's)")
     b.set_defaults(fn=_cmd_bench)
 
     r = sub.add_parser("registry", help="MLflow model registry: show, gated promote, rollback, register")

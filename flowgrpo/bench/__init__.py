@@ -6,6 +6,7 @@ prints one line).
 * ``train``: one training timestep exactly as ``GRPORecipe.step_loss`` (+ backward, grad clip, AdamW), its MFU,
   and the measured update loop over the trained steps (full: int(0.99 T); ``--window``: the window).
 * ``reward-server``: reward throughput through the HTTP reward server vs in-process (:mod:`.reward_server`).
+* ``dag``: the local pipeline DAG's overhead (everything but the train task) on the tiny demo (:mod:`.dag`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ def run_bench(args: Any) -> dict[str, Any]:
         from flowgrpo.bench.reward_server import run
 
         return run(args)
+    if args.what == "dag":
+        from flowgrpo.bench.dag import run as run_dag
+
+        return run_dag(args)
     if args.what not in ("rollout", "train"):
         raise ValueError(f"unknown benchmark {args.what!r}: expected 'rollout', 'train' or 'reward-server'")
     threads = torch.get_num_threads()

@@ -31,7 +31,49 @@ class Reward(Protocol):
     def __call__(self, images: np.ndarray, prompts: Sequence[str], metadata: Sequence[dict]) -> RewardOutput: ...
 
 
-REGISTRY: dict[str, Callable[..., Reward]] = {}
+#: the module that registers each reward, imported on first use: reading a config (which checks reward names
+#: against KNOWN_REWARDS) must not import torch, transformers or OCR models
+_PROVIDERS = {
+    "jpeg_compressibility": "jpeg", "jpeg_incompressibility": "jpeg", "ocr": "ocr",
+    "pickscore": "clip_rewards", "clipscore": "clip_rewards", "aesthetic": "clip_rewards",
+    "image_similarity": "clip_rewards", "imagereward": "imagereward", "geneval": "geneval",
+    "unifiedreward": "vlm", "qwenvl": "vlm",
+}
+
+
+class _LazyRegistry(dict):
+    """name -> factory; a name's module is imported the first time the name is looked up, and listing the
+    registry imports them all."""
+
+    def _load(self, name: str) -> None:
+        mod = _PROVIDERS.get(name)
+        if mod:
+            import importlib
+
+            importlib.import_module(f"flowgrpo.rewards.{mod}")
+
+    def __contains__(self, name: object) -> bool:
+        if not dict.__contains__(self, name) and isinstance(name, str):
+            self._load(name)
+        return dict.__contains__(self, name)
+
+    def __missing__(self, name: str) -> Callable[..., Reward]:
+        self._load(name)
+        if dict.__contains__(self, name):
+            return dict.__getitem__(self, name)
+        raise KeyError(name)
+
+    def __iter__(self):
+        for name in _PROVIDERS:
+            self._load(name)
+        return dict.__iter__(self)
+
+    def keys(self):
+        iter(self)
+        return dict.keys(self)
+
+
+REGISTRY: dict[str, Callable[..., Reward]] = _LazyRegistry()
 
 
 def as_uint8(images: Any) -> np.ndarray:
