@@ -27,7 +27,12 @@ log = logging.getLogger(__name__)
 
 
 def backend_for(name: str, namespace: str = "") -> Backend:
-    return get_backend(name, namespace=namespace or None) if name == "kubernetes" else get_backend(name)
+    """The backend ``name``; for Kubernetes, status polls every ``$FLOWGRPO_K8S_POLL_S`` seconds (default 5)."""
+    if name == "kubernetes":
+        import os
+
+        return get_backend(name, namespace=namespace or None, poll_s=float(os.environ.get("FLOWGRPO_K8S_POLL_S", 5)))
+    return get_backend(name)
 
 
 def run_root(storage_root: str, run_id: str) -> str:
