@@ -15,7 +15,7 @@ import numpy as np
 #: every reward name a config may use (the upstream zoo); ``REGISTRY`` holds those available in this build
 KNOWN_REWARDS = frozenset({
     "jpeg_compressibility", "jpeg_incompressibility", "ocr", "pickscore", "clipscore", "aesthetic",
-    "imagereward", "geneval", "unifiedreward", "qwenvl", "deqa", "image_similarity",
+    "imagereward", "geneval", "unifiedreward", "qwenvl", "deqa", "image_similarity", "shapes",
 })
 
 
@@ -37,7 +37,7 @@ _PROVIDERS = {
     "jpeg_compressibility": "jpeg", "jpeg_incompressibility": "jpeg", "ocr": "ocr",
     "pickscore": "clip_rewards", "clipscore": "clip_rewards", "aesthetic": "clip_rewards",
     "image_similarity": "clip_rewards", "imagereward": "imagereward", "geneval": "geneval",
-    "unifiedreward": "vlm", "qwenvl": "vlm",
+    "unifiedreward": "vlm", "qwenvl": "vlm", "shapes": "shapes",
 }
 
 
