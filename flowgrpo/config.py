@@ -171,6 +171,11 @@ class TrainConfig:
     filter_zero_std: bool = True
     #: GRPO-Guard: RatioNorm + per-step gradient reweighting
     guard: bool = False
+    #: grpo (default), dpo / online_dpo (preference pairs within groups), sft / online_sft (best-of-group);
+    #: the offline variants learn from the reference policy's samples (see flowgrpo.objectives)
+    objective: str = "grpo"
+    #: DPO temperature on mean-over-dims transition log-probs
+    dpo_beta: float = 200.0
     shuffle: bool = True
     ema: bool = True
     ema_decay: float = 0.9
@@ -202,6 +207,12 @@ class TrainConfig:
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", self.checkpoint_every, "an int >= 0")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, "an int >= 1")
         _check(self.reward_workers >= 1, "train.reward_workers", self.reward_workers, "an int >= 1")
+        from flowgrpo.objectives import OBJECTIVES
+
+        _check(self.objective in OBJECTIVES, "train.objective", self.objective, f"one of {OBJECTIVES}")
+        _check(self.dpo_beta > 0, "train.dpo_beta", self.dpo_beta, "a number > 0")
+        if self.objective != "grpo":
+            _check(not self.guard, "train.guard", self.guard, "GRPO-Guard applies to objective=grpo only")
 
 
 @dataclass
@@ -286,6 +297,9 @@ class RunConfig:
                f"a divisor of sample.num_batches_per_epoch ({s.num_batches_per_epoch}) so every epoch ends on an optimizer step")
         if t.guard:
             _check(s.sde_type == "sde", "train.guard", t.guard, "GRPO-Guard is defined for sample.sde_type='sde' only")
+        if t.objective != "grpo":
+            _check(s.group_size > 1, "sample.group_size", s.group_size,
+                   f"> 1 for train.objective={t.objective} (preferences and best-of-group compare images of a prompt)")
         if s.same_latent and s.group_size == 1:
             raise ConfigError("sample.same_latent", True, "needs sample.group_size > 1")
 

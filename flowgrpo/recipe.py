@@ -16,6 +16,7 @@ and with DeepSpeed ZeRO through accelerate.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 import random
 import shutil
 import time
@@ -38,6 +39,7 @@ from flowgrpo.ema import EMA
 from flowgrpo.loss import grpo_loss
 from flowgrpo.metrics import JsonlLogger, MetricsLogger, MultiLogger
 from flowgrpo.models.base import ModelAdapter
+from flowgrpo.objectives import OFFLINE, best_of_group, dpo_loss, micro_batches, preference_pairs, sft_loss
 from flowgrpo.prompts import load_prompts
 from flowgrpo.rewards import WeightedReward
 from flowgrpo.rollout import PromptEncoder, Trajectory, rollout, to_uint8
@@ -121,7 +123,7 @@ class GRPORecipe:
         self.adapter: ModelAdapter = load_adapter(
             m.family, m.path, revision=m.revision, device=acc.device, mixed_precision=m.mixed_precision,
             max_sequence_length=m.max_sequence_length, full_finetune=not m.use_lora,
-            needs_reference=cfg.train.beta > 0)
+            needs_reference=cfg.train.beta > 0 or cfg.train.objective in ("dpo", "online_dpo", "sft"))
         if m.use_lora:  # empty lora_targets: the family's default attention projections
             targets = {"target_modules": m.lora_targets} if m.lora_targets else {}
             self.adapter.add_lora(m.lora_rank, m.lora_alpha, **targets)
@@ -227,7 +229,7 @@ class GRPORecipe:
             adv, adv_stats = self.compute_advantages(samples)
             record.update(adv_stats)
             t1 = time.perf_counter()
-            record.update(self.train_epoch(epoch, samples.traj, adv))
+            record.update(self.train_epoch(epoch, samples.traj, adv, samples.rewards["avg"]))
             train_s = time.perf_counter() - t1
             n_images = len(samples.traj) * self.world
             record.update(global_step=self.global_step, images_per_s=n_images / samples.sample_s,
@@ -236,8 +238,10 @@ class GRPORecipe:
                 self.logger.log_metrics(record, step=epoch)
                 if epoch % cfg.tracking.image_every == 0 or epoch == cfg.train.epochs - 1:
                     self.logger.log_images("train", samples.preview[0], samples.preview[1], step=epoch)
+                extra = (f"kl {record['kl']} clipfrac {record['clipfrac']:.3f}" if "clipfrac" in record
+                         else f"{cfg.train.objective} loss {record.get('loss', float('nan')):.4f}")
                 self._print(f"epoch {epoch}: reward {record['reward_mean']:.4f} ± {record['reward_std']:.4f} "
-                            f"kl {record['kl']} clipfrac {record['clipfrac']:.3f} {record['epoch_s']:.1f}s")
+                            f"{extra} {record['epoch_s']:.1f}s")
             every = cfg.train.checkpoint_every
             if (every and (epoch + 1) % every == 0) or epoch == cfg.train.epochs - 1:
                 self.save_checkpoint(epoch)
@@ -279,11 +283,12 @@ class GRPORecipe:
             else:
                 window = full_window(s.num_steps, s.timestep_fraction)
             init_seeds = [seed_for(cfg.seed, "init", it, p) for p in prompts] if s.same_latent else None
-            images, lat, lps, means = rollout(
-                self.adapter, cond, self.negative, sigmas=self.sigmas, window=window,
-                guidance_scale=s.guidance_scale, noise_level=s.noise_level, sde_type=s.sde_type,
-                sample_seeds=draw.sample_seed.tolist(), init_seeds=init_seeds, resolution=s.resolution,
-                record_means=cfg.train.guard)
+            with self._sampling_policy():
+                images, lat, lps, means = rollout(
+                    self.adapter, cond, self.negative, sigmas=self.sigmas, window=window,
+                    guidance_scale=s.guidance_scale, noise_level=s.noise_level, sde_type=s.sde_type,
+                    sample_seeds=draw.sample_seed.tolist(), init_seeds=init_seeds, resolution=s.resolution,
+                    record_means=cfg.train.guard)
             steps = torch.arange(window.train_start, window.train_end, device=lat.device)
             trajs.append(Trajectory(prompts, meta, draw.group_id, cond, lat, lps, means,
                                     steps.expand(len(prompts), -1), images.new_zeros(0)))
@@ -313,31 +318,68 @@ class GRPORecipe:
         all_gids = acc.gather(gids.to(acc.device)).cpu()
         adv_all, st = group_advantages(all_rewards, all_gids, global_std=cfg.train.global_std)
         adv = adv_all.reshape(self.world, n)[self.rank]  # gather is rank-major
+        if cfg.train.objective in ("sft", "online_sft"):  # best-of-group needs each group's extrema over ranks
+            mine = all_gids.reshape(self.world, n)[self.rank]
+            hi = {g: float(all_rewards[all_gids == g].max()) for g in torch.unique(mine).tolist()}
+            lo = {g: float(all_rewards[all_gids == g].min()) for g in hi}
+            self._group_extrema = (torch.tensor([hi[g] for g in mine.tolist()], dtype=torch.float64),
+                                   torch.tensor([lo[g] for g in mine.tolist()], dtype=torch.float64))
         stats.update(zero_std_ratio=st.zero_std_ratio, reward_std_in_group=st.reward_std_mean,
                      group_size=st.group_size_mean, num_groups=st.num_groups)
         return adv, stats
 
     # -------------------------------------------------------------------------------------- training
-    def train_epoch(self, epoch: int, traj: Trajectory, adv: torch.Tensor) -> dict[str, Any]:
-        cfg, acc = self.cfg, self.accelerator
-        s, t = cfg.sample, cfg.train
-        nb, k_steps = s.num_batches_per_epoch, traj.log_probs.shape[1]
+    def train_epoch(self, epoch: int, traj: Trajectory, adv: torch.Tensor,
+                    rewards: np.ndarray | None = None) -> dict[str, Any]:
+        """One pass of updates over the epoch's samples with ``train.objective``; returns mean stats."""
+        cfg, t = self.cfg, self.cfg.train
+        nb = cfg.sample.num_batches_per_epoch
         self.model.train()
+        if t.objective == "grpo":
+            def batches(gen: torch.Generator):
+                keep = keep_nonzero(adv, nb, gen) if t.filter_zero_std else torch.arange(len(traj))
+                if t.shuffle:
+                    keep = keep[torch.randperm(keep.numel(), generator=gen)]
+                for mb_index in keep.chunk(nb):
+                    yield mb_index.numel(), traj.select(mb_index), adv[mb_index].to(self.accelerator.device)
+            out = self._update_loop(epoch, batches, lambda mb, extra, k: self.step_loss(mb, extra, k))
+            if not (t.beta > 0):
+                out["kl"] = None  # the reference forward is skipped when beta == 0
+            return out
+        r = torch.as_tensor(np.asarray(rewards), dtype=torch.float64)
+        if t.objective in ("dpo", "online_dpo"):
+            w, lose = preference_pairs(r, traj.group_ids)
+            rows = torch.stack([w, lose], dim=1)  # [P, 2]
+        else:
+            rows = best_of_group(r, *self._group_extrema)[:, None]  # [M, 1]
+        weight = 1.0
+        if len(rows) == 0:  # nothing to prefer on this rank: same number of (zero-gradient) passes as the others
+            rows, weight = torch.zeros((1, rows.shape[1]), dtype=torch.long), 0.0
+
+        def batches(gen: torch.Generator):
+            order = torch.randperm(len(rows), generator=gen) if t.shuffle else torch.arange(len(rows))
+            for chunk in micro_batches(len(rows), nb):
+                sel = rows[order[chunk]]  # [m, 1 or 2]
+                yield sel.numel(), traj.select(sel.T.reshape(-1)), weight  # winners first, then losers
+
+        out = self._update_loop(epoch, batches, self.preference_step_loss)
+        out["pairs" if rows.shape[1] == 2 else "sft_targets"] = int(len(rows) if weight else 0)
+        return out
+
+    def _update_loop(self, epoch: int, batches, loss_fn) -> dict[str, Any]:
+        """Backward + (accumulated) optimizer steps over ``batches(gen)`` -> (n samples, micro-batch, extra) for
+        every trained step k; returns stats averaged over micro-batches x steps, then over ranks."""
+        cfg, acc, t = self.cfg, self.accelerator, self.cfg.train
         sums: dict[str, float] = {}
         count, trained = 0, 0
         for inner in range(t.num_inner_epochs):
             gen = torch.Generator().manual_seed(seed_for(cfg.seed, "train", epoch, inner, self.rank))
-            keep = keep_nonzero(adv, nb, gen) if t.filter_zero_std else torch.arange(len(traj))
-            if t.shuffle:
-                keep = keep[torch.randperm(keep.numel(), generator=gen)]
-            trained += keep.numel()
-            bar = tqdm(keep.chunk(nb), desc=f"epoch {epoch} train", disable=not self.is_main, leave=False)
-            for mb_index in bar:
-                mb = traj.select(mb_index)
-                mb_adv = adv[mb_index].to(acc.device)
-                for k in range(k_steps):
+            bar = tqdm(list(batches(gen)), desc=f"epoch {epoch} train", disable=not self.is_main, leave=False)
+            for n, mb, extra in bar:
+                trained += n
+                for k in range(mb.log_probs.shape[1]):
                     with acc.accumulate(self.model):
-                        loss, stats = self.step_loss(mb, mb_adv, k)
+                        loss, stats = loss_fn(mb, extra, k)
                         acc.backward(loss)
                         if acc.sync_gradients and acc.distributed_type.value != "DEEPSPEED":
                             acc.clip_grad_norm_(self.params, t.max_grad_norm)
@@ -350,32 +392,57 @@ class GRPORecipe:
                     for key, v in stats.items():
                         sums[key] = sums.get(key, 0.0) + float(v)
                     count += 1
-        # mean over micro-batches x steps, then over ranks
         keys = sorted(sums)
         local = torch.tensor([sums[k] / max(count, 1) for k in keys], dtype=torch.float64, device=acc.device)
         mean = acc.reduce(local, reduction="mean").cpu().tolist()
         out = dict(zip(keys, mean))
-        if not (t.beta > 0):
-            out["kl"] = None  # the reference forward is skipped when beta == 0
         out["trained_samples"] = trained
         return out
 
-    def step_loss(self, mb: Trajectory, adv: torch.Tensor, k: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Recompute trained step k of a micro-batch under the current policy and return its loss."""
-        cfg, s, t = self.cfg, self.cfg.sample, self.cfg.train
+    def _transition(self, mb: Trajectory, k: int, reference: bool = False):
+        """The SDE/CPS step of recorded transition k under the policy (with grad) or the reference (no grad)."""
+        s = self.cfg.sample
         x, x_next = mb.latents[:, k], mb.latents[:, k + 1]  # [M, C, H, W]
         idx = mb.step_index[:, k]  # [M]
         sig, sig_next = self.sigmas[idx], self.sigmas[idx + 1]  # [M]
         neg = self._negative(len(mb))
-        v = self.adapter.velocity(x, sig, mb.cond, s.guidance_scale, neg, model=self.model)
-        out = stochastic_step(s.sde_type, x, v, sig, sig_next, s.noise_level, self.sigmas[1], prev_sample=x_next)
+        if reference:
+            with torch.no_grad(), self.adapter.reference():
+                v = self.adapter.velocity(x, sig, mb.cond, s.guidance_scale, neg)
+        else:
+            v = self.adapter.velocity(x, sig, mb.cond, s.guidance_scale, neg, model=self.model)
+        return stochastic_step(s.sde_type, x, v, sig, sig_next, s.noise_level, self.sigmas[1], prev_sample=x_next)
+
+    def preference_step_loss(self, mb: Trajectory, weight: float, k: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """DPO on [winners; losers] rows, or SFT on best-of-group rows, at trained step k (see objectives)."""
+        t = self.cfg.train
+        out = self._transition(mb, k)
+        if t.objective in ("dpo", "online_dpo"):
+            ref = self._transition(mb, k, reference=True)
+            m = len(mb) // 2
+            loss, stats = dpo_loss(out.log_prob[:m], out.log_prob[m:], ref.log_prob[:m], ref.log_prob[m:], t.dpo_beta)
+        else:
+            loss, stats = sft_loss(out.log_prob)
+        return loss * weight, stats
+
+    @contextmanager
+    def _sampling_policy(self):
+        """Offline objectives (dpo, sft) sample from the reference policy; the others from the current one."""
+        if self.cfg.train.objective in OFFLINE:
+            with torch.no_grad(), self.adapter.reference():
+                yield
+        else:
+            yield
+
+    def step_loss(self, mb: Trajectory, adv: torch.Tensor, k: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Recompute trained step k of a micro-batch under the current policy and return its loss."""
+        t = self.cfg.train
+        out = self._transition(mb, k)
         kl = None
         if t.beta > 0:
-            with torch.no_grad(), self.adapter.reference():
-                v_ref = self.adapter.velocity(x, sig, mb.cond, s.guidance_scale, neg)
-                ref = stochastic_step(s.sde_type, x, v_ref, sig, sig_next, s.noise_level, self.sigmas[1],
-                                      prev_sample=x_next)
+            ref = self._transition(mb, k, reference=True)
             kl = kl_to_reference(out.mean, ref.mean, out.std if t.kl_uses_dt else out.std_dev_t)
+        sig, sig_next = self.sigmas[mb.step_index[:, k]], self.sigmas[mb.step_index[:, k] + 1]
         return grpo_loss(
             out.log_prob, mb.log_probs[:, k], adv, t.clip_range, t.adv_clip_max, beta=t.beta, kl=kl,
             guard=t.guard, mean=out.mean, old_mean=None if mb.means is None else mb.means[:, k],
