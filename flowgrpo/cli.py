@@ -6,6 +6,7 @@
   flowgrpo bench rollout|train [--model DIR] [--batch 8] [--steps 10] [--resolution 128] [--guidance 4.5]
   flowgrpo registry show|promote|rollback|register --model NAME [--version V] [--gate GATE.yaml] [--tracking-uri URI]
   flowgrpo mlflow-ui [--port 5000] [--print-only]
+  flowgrpo eval --model URI --suite geneval|drawbench|ocr|pickscore|shapes|preset[,..] [--base URI] [--out DIR]
   flowgrpo pipeline run --local | compile [--check] | upload | submit | schedule   (see flowgrpo.pipeline.cli)
 """
 
@@ -156,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_serve_reward)
 
     b = sub.add_parser("bench", help="benchmarks printing one JSON line")
-    b.add_argument("what", choices=["rollout", "train", "reward-server", "dag"])
+    b.add_argument("what", choices=["rollout", "train", "reward-server", "dag", "eval"])
     b.add_argument("--model", default="tiny:bench_cpu", help="diffusers SD3 dir, or tiny:<spec>")
     b.add_argument("--batch", type=int, default=8)
     b.add_argument("--steps", type=int, default=10)
@@ -177,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-wait-ms", type=float, default=2.0, help="reward-server bench: server batching wait")
     b.add_argument("--preset", default="tiny_cpu", help="dag bench: the preset the local pipeline trains")
     b.add_argument("--epochs", type=int, default=0, help="dag bench: epochs (0 = the preset's)")
+    b.add_argument("--num-prompts", dest="num_prompts", type=int, default=0, help="eval bench: prompts (0 = default)")
+    b.add_argument("--device", default="auto", help="eval bench: cpu | cuda | auto")
     b.set_defaults(fn=_cmd_bench)
 
     r = sub.add_parser("registry", help="MLflow model registry: show, gated promote, rollback, register")
@@ -201,8 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--print-only", action="store_true", help="print the command instead of running it")
     u.set_defaults(fn=_cmd_mlflow_ui)
 
+    from flowgrpo.eval.cli import add_parser as add_eval_parser
     from flowgrpo.pipeline.cli import add_parser as add_pipeline_parser
 
+    add_eval_parser(sub)
     add_pipeline_parser(sub)
     return p
 

@@ -6,6 +6,7 @@ prints one line).
 * ``train``: one training timestep exactly as ``GRPORecipe.step_loss`` (+ backward, grad clip, AdamW), its MFU,
   and the measured update loop over the trained steps (full: int(0.99 T); ``--window``: the window).
 * ``reward-server``: reward throughput through the HTTP reward server vs in-process (:mod:`.reward_server`).
+* ``eval``: images/s of the eval sampler and the share of eval time spent scoring (:mod:`flowgrpo.eval.bench`).
 * ``dag``: the local pipeline DAG's overhead (everything but the train task) on the tiny demo (:mod:`.dag`).
 """
 
@@ -24,6 +25,10 @@ def run_bench(args: Any) -> dict[str, Any]:
         from flowgrpo.bench.reward_server import run
 
         return run(args)
+    if args.what == "eval":
+        from flowgrpo.eval.bench import run as run_eval_bench
+
+        return run_eval_bench(args)
     if args.what == "dag":
         from flowgrpo.bench.dag import run as run_dag
 

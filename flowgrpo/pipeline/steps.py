@@ -173,43 +173,58 @@ def train(*, backend: str, run_id: str, preset: str, reward_weights: str = "", e
 # ------------------------------------------------------------------------------------------ evaluation
 def evaluate(*, model_uri: str, base_model_uri: str, preset: str, reward_weights: str = "", overrides: str = "",
              suites: str = "preset", data_root: str = "", gate_metric: str = "", gate_min_improvement: float = 0.0,
-             tracking_uri: str = "", mlflow_run_id: str = "") -> dict[str, Any]:
-    """Evaluate the trained model and its base on the same prompts and seeds; ``passed`` when
-    candidate[gate_metric] - base[gate_metric] >= gate_min_improvement. Logs to the training's MLflow run."""
-    from flowgrpo.eval import EvalSettings, build_suite, evaluate_model
-    from flowgrpo.eval.report import html_report, markdown_report
+             tracking_uri: str = "", mlflow_run_id: str = "", champion_model_uri: str = "", cache_dir: str = "",
+             work_dir: str = "", images_per_prompt: int = 0, num_prompts: int = -1,
+             reward_options: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Evaluate the trained model, its base (and the champion, when given) on the same prompts and seeds
+    (:func:`flowgrpo.eval.run_eval`); ``passed`` when candidate[gate_metric] - base[gate_metric] >=
+    gate_min_improvement (default gate metric: the first suite's primary metric, e.g. ``preset/avg``,
+    ``geneval/overall``). Logs metrics, reports and per-image records to the training's MLflow run.
+
+    ``cache_dir``: evaluation cache root (default ``$FLOWGRPO_EVAL_CACHE``, else ``$FLOWGRPO_HOME/eval-cache``):
+    the base and champion evaluations are computed once per (model, suite, settings). ``work_dir``: where the
+    per-image results accumulate (default ``$FLOWGRPO_HOME/eval-runs/<digest of the arguments>``, so a retried
+    task resumes); removed after success. ``num_prompts`` -1 = the preset's ``eval.num_prompts``."""
+    import shutil
+
+    from flowgrpo.eval import EvalSettings, build_suite, run_eval
+    from flowgrpo.eval.mlflow_log import log_eval_run
+    from flowgrpo.tracking import state_dir
 
     cfg = build_run_config(preset, reward_weights, 0, overrides, world_size=None)
     names = parse_suites(suites)
-    suite_objs = [build_suite(n, cfg, data_root or None) for n in names]
     settings = EvalSettings.from_config(cfg)
-    cand = evaluate_model(model_uri, suite_objs, settings, family=cfg.model.family)
-    base = evaluate_model(base_model_uri, suite_objs, settings, family=cfg.model.family)
-    cm = {k: v for r in cand for k, v in r.metrics.items()}
-    bm = {k: v for r in base for k, v in r.metrics.items()}
-    metric = gate_metric or f"{names[0]}/avg"
-    if metric not in cm:
-        raise ValueError(f"gate_metric={metric!r} is not among the evaluation metrics {sorted(cm)}")
-    delta = cm[metric] - bm[metric]
-    passed = math.isfinite(delta) and delta >= gate_min_improvement
-    gate = f"{metric}: candidate − base = {delta:+.5g} ≥ {gate_min_improvement:g}"
-    md = markdown_report(cm, bm, gate=gate, passed=passed)
-    page = html_report(cand, base, gate=gate, passed=passed)
+    if num_prompts >= 0:
+        settings.num_prompts = num_prompts
+    settings.images_per_prompt = images_per_prompt
+    if str(cfg.model.path).startswith("tiny") and settings.device_type() == "cpu":
+        settings.threads = 1  # the tiny demo model: one thread is faster (its ops are too small to split)
+    suite_objs = [build_suite(n, cfg, data_root or None, num_prompts=settings.num_prompts,
+                              images_per_prompt=settings.images_per_prompt, seed=settings.seed,
+                              reward_options=reward_options) for n in names]
+    own_work = not work_dir
+    if own_work:
+        digest = hashlib.sha256(json.dumps([model_uri, base_model_uri, champion_model_uri, preset, reward_weights,
+                                            overrides, names, data_root, settings.num_prompts,
+                                            settings.images_per_prompt], default=str).encode()).hexdigest()[:20]
+        work_dir = str(state_dir() / "eval-runs" / digest)
+    run = run_eval(model_uri, suite_objs, settings, work_dir, base=base_model_uri or None,
+                   champion=champion_model_uri or None, family=cfg.model.family, cache_dir=cache_dir or None,
+                   gate_metric=gate_metric, gate_min_improvement=gate_min_improvement,
+                   restart=own_work)  # our own directory: results of other settings are stale, not precious
     if mlflow_run_id:
-        from flowgrpo.tracking import _client, resolve_tracking_uri
-
-        client = _client(resolve_tracking_uri(tracking_uri))
-        ts = int(time.time() * 1000)
-        from mlflow.entities import Metric
-
-        batch = [Metric(f"eval/{k}", v, ts, 0) for k, v in cm.items()] + \
-                [Metric(f"eval_base/{k}", v, ts, 0) for k, v in bm.items()]
-        client.log_batch(mlflow_run_id, metrics=batch)
-        client.log_text(mlflow_run_id, page, "eval/report.html")
-        client.log_text(mlflow_run_id, md, "eval/report.md")
-    return {"passed": bool(passed), "candidate": cm, "base": bm, "gate": gate, "gate_metric": metric,
-            "delta": delta, "markdown": md, "html": page,
-            "seconds": sum(r.seconds for r in cand) + sum(r.seconds for r in base)}
+        log_eval_run(run, mlflow_run_id, tracking_uri or None)
+    passed = bool(run.passed) if run.passed is not None else True  # no base: nothing to gate on
+    out = {"passed": passed, "candidate": run.candidate, "base": run.base, "champion": run.champion,
+           "gate": run.gate, "gate_metric": run.gate_metric,
+           "delta": run.delta if run.delta is not None else float("nan"), "markdown": run.markdown,
+           "html": run.html, "seconds": sum(r.seconds for rs in run.results.values() for r in rs),
+           "skipped": run.skipped(), "cache": {role: {r.suite: r.stats.get("cache") for r in rs}
+                                               for role, rs in run.results.items()},
+           "work_dir": work_dir}
+    if own_work:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ registry
