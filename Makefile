@@ -10,6 +10,8 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: demo test venv bench clean
 
+include images/Makefile.images
+
 # torch first (the CPU wheel on this machine; anything else would pull a multi-GB CUDA build), then the package
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +28,7 @@ demo: $(STAMP)
 	$(BIN)/flowgrpo pipeline run --local --preset tiny_cpu --pipeline-root $(DEMO_DIR)
 
 test: $(STAMP)
+	-$(MAKE) --no-print-directory checkov-venv
 	$(BIN)/python -m pytest -q -ra
 
 bench: $(STAMP)

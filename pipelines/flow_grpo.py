@@ -55,7 +55,9 @@ DEFAULTS: dict = {
 }
 D = DEFAULTS
 RUN_ID = dsl.PIPELINE_JOB_ID_PLACEHOLDER  # passed whole (placeholders inside f-strings are not substituted)
-STORAGE_ENV = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
+#: the storage Secret's keys -> env (AWS_ENDPOINT_URL: MinIO or another S3-compatible store; optional)
+STORAGE_ENV = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+               "AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL"}
 
 
 def _storage_secret(task, name) -> None:

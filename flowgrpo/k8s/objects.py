@@ -35,6 +35,11 @@ REWARD_CONTAINER = "reward-server"
 #: Images run as an arbitrary non-root uid, so every cache must live somewhere writable (orchestration.md §4).
 CACHE_ENV = {"HOME": "/tmp", "HF_HOME": "/tmp/hf", "XDG_CACHE_HOME": "/tmp/.cache", "TRITON_CACHE_DIR": "/tmp/.triton"}
 
+#: Every container runs with a read-only root filesystem; ``/tmp`` (where ``CACHE_ENV`` points, and the trainer's
+#: scratch ``output_dir``) is an emptyDir instead. It lives on the node's disk (ephemeral storage), not in memory.
+TMP_VOLUME = "tmp"
+TMP_MOUNT = "/tmp"
+
 #: An Istio sidecar keeps a finished pod alive (the job never completes) and, under STRICT mTLS, refuses the
 #: plain HTTP the (sidecar-less) trainer sends to the reward servers; so no pod of ours gets one.
 NO_SIDECAR = {"sidecar.istio.io/inject": "false"}
@@ -113,6 +118,17 @@ def _pod_security() -> dict[str, Any]:
     return {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
 
 
+def _container_security() -> dict[str, Any]:
+    """What the restricted Pod Security Standard asks of every container, plus a read-only root filesystem
+    (writes go to the ``/tmp`` emptyDir). A non-root process has no effective capabilities anyway; dropping
+    them all also stops file capabilities and setuid binaries from granting any."""
+    return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
+
+
+def _tmp_volume() -> dict[str, Any]:
+    return {"name": TMP_VOLUME, "emptyDir": {}}
+
+
 def _require_image(image: str, what: str) -> str:
     if not image:
         raise ValueError(f"{what}: image is empty; the kubernetes backend needs a container image "
@@ -164,9 +180,12 @@ def reward_deployment(spec: RewardServerSpec, run_id: str, namespace: str) -> di
         "startupProbe": probe("/healthz", 5, 60),
         "readinessProbe": probe("/readyz", 5, 3),
         "livenessProbe": probe("/healthz", 10, 6),
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        "volumeMounts": [{"name": TMP_VOLUME, "mountPath": TMP_MOUNT}],
+        "securityContext": _container_security(),
     }
-    pod_spec: dict[str, Any] = {"containers": [container], "securityContext": _pod_security()}
+    # reward servers never call the Kubernetes API: no service-account token in their pods
+    pod_spec: dict[str, Any] = {"automountServiceAccountToken": False, "containers": [container],
+                                "volumes": [_tmp_volume()], "securityContext": _pod_security()}
     if spec.tolerations:
         pod_spec["tolerations"] = spec.tolerations
     if spec.node_selector:
@@ -198,6 +217,41 @@ def reward_service(spec: RewardServerSpec, run_id: str, namespace: str) -> dict[
     }
 
 
+def reward_network_policy_name(run_id: str) -> str:
+    """``fgrpo-rw-ingress-<short run id>``: one NetworkPolicy per run covers all its reward servers."""
+    return f"fgrpo-rw-ingress-{short_run_id(run_id)}"
+
+
+def reward_network_policy(specs: list[RewardServerSpec], run_id: str, namespace: str) -> dict[str, Any]:
+    """Only the run's own trainer pods may reach the run's reward servers, and only on their ports.
+
+    A NetworkPolicy cannot say "a peer with the same label value as me", so a namespace-wide manifest can
+    at best let every trainer reach every reward server; per-run isolation needs this object, created with
+    the servers and deleted with them (teardown finds it by the run-id label). Once any policy selects a
+    pod for ingress, everything not allowed by some policy is dropped, so this one alone isolates the servers;
+    the static default-deny in ``manifests/base`` only covers reward pods that lack theirs. Kubelet probes come
+    from the node and are not subject to it on the common CNIs. Egress is left alone (model downloads).
+    """
+    if not specs:
+        raise ValueError("reward_network_policy: no reward servers")
+    label = run_label(run_id)
+    ports = sorted({spec.port for spec in specs})
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": reward_network_policy_name(run_id), "namespace": namespace,
+                     "labels": _labels(run_id, REWARD_APP)},
+        "spec": {
+            "podSelector": {"matchLabels": {RUN_ID_LABEL: label, APP_LABEL: REWARD_APP}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{
+                "from": [{"podSelector": {"matchLabels": {RUN_ID_LABEL: label, APP_LABEL: TRAINER_APP}}}],
+                "ports": [{"protocol": "TCP", "port": port} for port in ports],
+            }],
+        },
+    }
+
+
 # ------------------------------------------------------------------------------------------- trainer
 def _trainer_pod_template(job: TrainJobSpec, run_id: str) -> dict[str, Any]:
     env = _env({**CACHE_ENV, "PYTHONUNBUFFERED": "1", **job.env})  # the job's own env wins
@@ -208,15 +262,19 @@ def _trainer_pod_template(job: TrainJobSpec, run_id: str) -> dict[str, Any]:
         "env": env,
         "resources": _resources(job.cpu, job.memory, job.gpus_per_node),
         # NCCL and DataLoader workers share tensors through /dev/shm, which is 64 MiB by default
-        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
-        "securityContext": {"allowPrivilegeEscalation": False},
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": TMP_VOLUME, "mountPath": TMP_MOUNT}],
+        # RDMA (InfiniBand / RoCE) clusters may need IPC_LOCK added back for NCCL's memory registration
+        "securityContext": _container_security(),
     }
     if job.env_from_secrets:
         container["envFrom"] = [{"secretRef": {"name": s}} for s in job.env_from_secrets]
     pod_spec: dict[str, Any] = {
+        # the trainer talks to S3, MLflow and the reward servers, never to the Kubernetes API (workload-identity
+        # webhooks such as EKS IRSA project their own token, independent of this setting)
+        "automountServiceAccountToken": False,
         "containers": [container],
-        # memory-backed: it counts against the container's memory limit
-        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": job.shm_size}}],
+        # dshm is memory-backed: it counts against the container's memory limit
+        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": job.shm_size}}, _tmp_volume()],
         "securityContext": _pod_security(),
     }
     if job.tolerations:

@@ -1,19 +1,25 @@
-"""Reward servers on Kubernetes (Deployment + ClusterIP Service each), and the run's label-based teardown.
+"""Reward servers on Kubernetes (Deployment + ClusterIP Service each, one ingress NetworkPolicy per run), and
+the run's label-based teardown.
 
-``deploy`` is idempotent: names are deterministic from the run id, so a retried task replaces what a failed
-try left instead of failing on "already exists". ``teardown`` finds objects by the run-id label only, because
-it runs as the pipeline's exit task and cannot read what the other tasks created.
+``deploy`` is idempotent: names are deterministic from the run id, so a retried task finds what a failed try
+left. It needs only the verbs of the pipeline's Role (``manifests/base/role.yaml``: create, get, list, watch,
+delete; no update or patch): an object of this run that already exists with the same content (a spec-hash
+annotation) is adopted as it is, one with different content is deleted, waited for until it is gone, and
+created again. ``teardown`` finds objects by the run-id label only, because it runs as the pipeline's exit task
+and cannot read what the other tasks created.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from typing import Any, Callable
 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from flowgrpo.backends.base import BackendError, RewardServerSpec
+from flowgrpo.backends.base import RUN_ID_LABEL, BackendError, RewardServerSpec
 from flowgrpo.k8s.client import api_error
 from flowgrpo.k8s.objects import (
     PYTORCHJOB_GROUP,
@@ -21,6 +27,7 @@ from flowgrpo.k8s.objects import (
     PYTORCHJOB_VERSION,
     REWARD_SERVER_LABEL,
     reward_deployment,
+    reward_network_policy,
     reward_service,
     reward_url,
     run_label,
@@ -28,7 +35,10 @@ from flowgrpo.k8s.objects import (
 )
 from flowgrpo.k8s.validate import DEFAULT_K8S_VERSION, validate_object
 
-_REPLACE_TRIES = 3  # a replace loses to a concurrent writer (409 on resourceVersion): read again and retry
+#: the content hash a created object carries, so that a retried deploy can tell "same object" from "changed"
+SPEC_HASH_ANNOTATION = "flowgrpo.io/spec-hash"
+_RECREATE_TRIES = 3  # create -> 409 -> delete -> gone -> create can lose to a concurrent creator; then retry
+_GONE_TIMEOUT_S = 300.0  # a deleted object's finalizers (foreground deletion of the pods) may take a while
 _DIAG_LOG_LINES = 20
 _DIAG_EVENTS = 5
 
@@ -52,7 +62,8 @@ def reward_urls(specs: list[RewardServerSpec], run_id: str, namespace: str) -> d
 def deploy(specs: list[RewardServerSpec], run_id: str, namespace: str, api: client.ApiClient,
            timeout_s: float = 900.0, poll_s: float = 5.0,
            k8s_version: str = DEFAULT_K8S_VERSION) -> dict[str, str]:
-    """Create or replace every server's Deployment and Service, then wait until all are available.
+    """Create every server's Deployment and Service (and the run's ingress NetworkPolicy, first, so that no
+    server is ever reachable from other runs), then wait until all are available.
 
     Every object is built and validated offline first, so a malformed one fails before any API call.
     Returns {reward name: URL} for every reward of every spec. Raises :class:`BackendError` naming the server
@@ -61,19 +72,88 @@ def deploy(specs: list[RewardServerSpec], run_id: str, namespace: str, api: clie
     urls = reward_urls(specs, run_id, namespace)
     planned = [(spec, reward_deployment(spec, run_id, namespace), reward_service(spec, run_id, namespace))
                for spec in specs]
+    bodies = [reward_network_policy(specs, run_id, namespace)] if specs else []
     for _, deployment, service in planned:
-        validate_object(deployment, k8s_version)
-        validate_object(service, k8s_version)
+        bodies += [deployment, service]
+    for body in bodies:
+        _stamp(body)
+        validate_object(body, k8s_version)
 
-    apps, core = client.AppsV1Api(api), client.CoreV1Api(api)
-    for _, deployment, service in planned:
-        _create_or_replace(deployment, namespace, apps.create_namespaced_deployment,
-                           apps.read_namespaced_deployment, apps.replace_namespaced_deployment)
-        _create_or_replace(service, namespace, core.create_namespaced_service,
-                           core.read_namespaced_service, core.replace_namespaced_service, _keep_cluster_ip)
+    apps, core, net = client.AppsV1Api(api), client.CoreV1Api(api), client.NetworkingV1Api(api)
+    calls: dict[str, tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]] = {
+        "NetworkPolicy": (net.create_namespaced_network_policy, net.read_namespaced_network_policy,
+                          net.delete_namespaced_network_policy),
+        "Deployment": (apps.create_namespaced_deployment, apps.read_namespaced_deployment,
+                       apps.delete_namespaced_deployment),
+        "Service": (core.create_namespaced_service, core.read_namespaced_service, core.delete_namespaced_service),
+    }
+    for body in bodies:
+        _create_or_recreate(body, run_id, namespace, *calls[body["kind"]], poll_s=poll_s)
     _wait_available([(spec, deployment["metadata"]["name"]) for spec, deployment, _ in planned], run_id,
                     namespace, apps, core, timeout_s, poll_s)
     return urls
+
+
+def _stamp(body: dict[str, Any]) -> None:
+    """Annotate ``body`` with the hash of its content (computed without the annotation itself)."""
+    meta = body["metadata"]
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k != SPEC_HASH_ANNOTATION}
+    unstamped = {**body, "metadata": {**meta, "annotations": annotations}}
+    digest = hashlib.sha256(json.dumps(unstamped, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    meta["annotations"] = {**annotations, SPEC_HASH_ANNOTATION: digest[:32]}
+
+
+def _create_or_recreate(body: dict[str, Any], run_id: str, namespace: str, create: Callable[..., Any],
+                        read: Callable[..., Any], delete: Callable[..., Any], poll_s: float) -> None:
+    """Create ``body``. If it exists (409) and belongs to this run: keep it when its spec hash is ours (a
+    retried deploy: the server may be loading its model already), else delete it, wait until it is gone (its
+    pods included: foreground deletion) and create it again. An object of another run is never touched."""
+    kind, name = body["kind"], body["metadata"]["name"]
+    where = f"{kind} {namespace}/{name}"
+    for _ in range(_RECREATE_TRIES):
+        try:
+            create(namespace, body)
+            return
+        except ApiException as e:
+            if e.status != 409:
+                raise BackendError(f"creating {where} failed: {api_error(e)}") from e
+        try:
+            current = read(name, namespace)
+        except ApiException as e:
+            if e.status == 404:  # deleted in between: create again
+                continue
+            raise BackendError(f"reading {where} failed: {api_error(e)}") from e
+        meta = current.metadata
+        owner = (meta.labels or {}).get(RUN_ID_LABEL)
+        if owner != run_label(run_id):
+            raise BackendError(f"{where} already exists and belongs to run {owner!r}, not {run_label(run_id)!r}: "
+                               f"delete it (kubectl delete {kind.lower()} -n {namespace} {name}) and retry")
+        wanted = body["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
+        if meta.deletion_timestamp is None and (meta.annotations or {}).get(SPEC_HASH_ANNOTATION) == wanted:
+            return
+        try:
+            delete(name, namespace, propagation_policy="Foreground")
+        except ApiException as e:
+            if e.status != 404:
+                raise BackendError(f"deleting the previous {where} failed: {api_error(e)}") from e
+        _wait_gone(read, where, name, namespace, poll_s)
+    raise BackendError(f"creating {where}: still conflicting after {_RECREATE_TRIES} tries "
+                       "(something else keeps creating it)")
+
+
+def _wait_gone(read: Callable[..., Any], where: str, name: str, namespace: str, poll_s: float) -> None:
+    deadline = time.monotonic() + _GONE_TIMEOUT_S
+    while True:
+        try:
+            read(name, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return
+            raise BackendError(f"reading {where} failed: {api_error(e)}") from e
+        if time.monotonic() >= deadline:
+            raise BackendError(f"{where} was deleted but is still there after {_GONE_TIMEOUT_S:g}s (a stuck "
+                               "finalizer?); remove it by hand and retry")
+        time.sleep(poll_s)
 
 
 def _wait_available(servers: list[tuple[RewardServerSpec, str]], run_id: str, namespace: str,
@@ -99,40 +179,6 @@ def _wait_available(servers: list[tuple[RewardServerSpec, str]], run_id: str, na
             raise BackendError(_not_available(spec, run_id, name, namespace, timeout_s, last[spec.name], core,
                                               others=[s for s in waiting if s != spec.name]))
         time.sleep(max(0.0, min(poll_s, deadline - time.monotonic())))
-
-
-def _create_or_replace(body: dict[str, Any], namespace: str, create: Callable[..., Any],
-                       read: Callable[..., Any], replace: Callable[..., Any],
-                       keep: Callable[[dict[str, Any], Any], None] | None = None) -> None:
-    """Create ``body``; if it exists (409), replace it with the current resourceVersion, so a retried
-    deploy converges on the new spec without deleting the Service (and its cluster IP) first."""
-    kind, name = body["kind"], body["metadata"]["name"]
-    try:
-        create(namespace, body)
-        return
-    except ApiException as e:
-        if e.status != 409:
-            raise BackendError(f"creating {kind} {namespace}/{name} failed: {api_error(e)}") from e
-    for _ in range(_REPLACE_TRIES):
-        current = read(name, namespace)
-        update = {**body, "metadata": {**body["metadata"], "resourceVersion": current.metadata.resource_version}}
-        if keep:
-            keep(update, current)
-        try:
-            replace(name, namespace, update)
-            return
-        except ApiException as e:
-            if e.status != 409:
-                raise BackendError(f"replacing {kind} {namespace}/{name} failed: {api_error(e)}") from e
-    raise BackendError(f"replacing {kind} {namespace}/{name}: still conflicting after {_REPLACE_TRIES} tries "
-                       "(something else keeps changing it)")
-
-
-def _keep_cluster_ip(update: dict[str, Any], current: Any) -> None:
-    """A Service's cluster IP is immutable; a replace must carry the allocated one."""
-    update["spec"] = {**update["spec"], "clusterIP": current.spec.cluster_ip}
-    if current.spec.cluster_i_ps:
-        update["spec"]["clusterIPs"] = current.spec.cluster_i_ps
 
 
 def _available(deployment: Any) -> bool:
@@ -173,6 +219,7 @@ def _pod_diagnostics(core: client.CoreV1Api, namespace: str, selector: str) -> l
     if not pods:
         return ["no pods were created (quota, admission or a missing Secret? see the ReplicaSet's events)"]
     lines = []
+    events_readable = True  # the pipeline's Role grants no access to events: a 403 just leaves them out
     for pod in pods:
         pod_name = pod.metadata.name
         states = []
@@ -184,12 +231,14 @@ def _pod_diagnostics(core: client.CoreV1Api, namespace: str, selector: str) -> l
                 states.append(f"{cs.name} terminated: {state.terminated.reason} (exit {state.terminated.exit_code})")
             states.append(f"restarts={cs.restart_count}")
         lines.append(f"pod {pod_name}: {pod.status.phase if pod.status else '?'} {' '.join(states)}".rstrip())
-        try:
-            events = core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={pod_name}").items
-            for ev in events[-_DIAG_EVENTS:]:
-                lines.append(f"  event {ev.type} {ev.reason}: {ev.message}")
-        except ApiException:
-            pass
+        if events_readable:
+            try:
+                events = core.list_namespaced_event(namespace,
+                                                    field_selector=f"involvedObject.name={pod_name}").items
+                for ev in events[-_DIAG_EVENTS:]:
+                    lines.append(f"  event {ev.type} {ev.reason}: {ev.message}")
+            except ApiException as e:
+                events_readable = e.status not in (401, 403)
         lines += [f"  | {line}" for line in _last_log_lines(core, pod_name, namespace)]
     return lines
 
@@ -207,11 +256,13 @@ def _last_log_lines(core: client.CoreV1Api, pod_name: str, namespace: str) -> li
 
 # -------------------------------------------------------------------------------------------- teardown
 def teardown(run_id: str, namespace: str, api: client.ApiClient) -> list[str]:
-    """Delete every PyTorchJob, Deployment and Service labelled with ``run_id``; returns ``Kind/name`` of
-    each. Already gone (404) is fine, so it is safe to run twice or after a partial failure. The PyTorchJobs
-    go first so that no training keeps running against reward servers that are being removed."""
+    """Delete every PyTorchJob, Deployment, Service and NetworkPolicy labelled with ``run_id``; returns
+    ``Kind/name`` of each. Already gone (404) is fine, so it is safe to run twice or after a partial failure.
+    The PyTorchJobs go first so that no training keeps running against reward servers that are being removed;
+    the NetworkPolicy last, so that the servers are never reachable from other runs while they exist."""
     selector = run_selector(run_id)
     custom, apps, core = client.CustomObjectsApi(api), client.AppsV1Api(api), client.CoreV1Api(api)
+    net = client.NetworkingV1Api(api)
     kinds: list[tuple[str, Callable[[], list[str]], Callable[[str], Any]]] = [
         ("PyTorchJob", lambda: _job_names(custom, namespace, selector),
          lambda n: custom.delete_namespaced_custom_object(PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, namespace,
@@ -222,6 +273,9 @@ def teardown(run_id: str, namespace: str, api: client.ApiClient) -> list[str]:
         ("Service", lambda: [s.metadata.name for s in
                              core.list_namespaced_service(namespace, label_selector=selector).items],
          lambda n: core.delete_namespaced_service(n, namespace)),
+        ("NetworkPolicy", lambda: [p.metadata.name for p in
+                                   net.list_namespaced_network_policy(namespace, label_selector=selector).items],
+         lambda n: net.delete_namespaced_network_policy(n, namespace)),
     ]
     deleted = []
     for kind, names, delete in kinds:

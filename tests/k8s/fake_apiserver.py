@@ -2,9 +2,14 @@
 
 It speaks enough of the REST API for what the backend calls through the official client: create / get /
 list (labelSelector, fieldSelector) / replace / merge-patch / delete of apps/v1 deployments, v1 services,
-pods and events, and kubeflow.org/v1 pytorchjobs; ``pods/{name}/log`` with ``tailLines`` and ``follow``
-(chunked, like the real server). Errors are real ``Status`` objects (404 NotFound, 409 AlreadyExists /
-Conflict). Every request is recorded in :attr:`FakeKube.requests`.
+pods and events, networking.k8s.io/v1 networkpolicies and kubeflow.org/v1 pytorchjobs; ``pods/{name}/log``
+with ``tailLines`` and ``follow`` (chunked, like the real server). Errors are real ``Status`` objects (404
+NotFound, 409 AlreadyExists / Conflict, 403 Forbidden). Every request is recorded in
+:attr:`FakeKube.requests`; :func:`rbac_attributes` says which RBAC (API group, resource, verb) it needs, and
+:attr:`FakeKube.authorizer`, when set, refuses (403) whatever it does not allow, as RBAC would.
+
+Deletion is immediate unless :attr:`FakeKube.delete_linger_reads` is set: then a deleted object stays (with a
+``deletionTimestamp``, still answering 409 to a create) for that many GETs, like one whose finalizers run.
 
 The "controllers" are scripted by the test:
 
@@ -40,6 +45,7 @@ RESOURCES = {
     "pods": ("v1", "Pod"),
     "events": ("v1", "Event"),
     "pytorchjobs": ("kubeflow.org/v1", "PyTorchJob"),
+    "networkpolicies": ("networking.k8s.io/v1", "NetworkPolicy"),
 }
 _PATH = re.compile(r"^/(?:api/(?P<core>v1)|apis/(?P<group>[^/]+)/(?P<version>[^/]+))/namespaces/(?P<ns>[^/]+)/"
                    r"(?P<plural>[^/]+)(?:/(?P<name>[^/]+)(?:/(?P<sub>[^/]+))?)?$")
@@ -70,6 +76,23 @@ class JobScript:
     message: str = ""
     failed_replica: str = "master"  # whose pod exits 1 when the outcome is Failed: "master" or "worker"
     master_replica_type: str = "master"  # the label value; older operators wrote "Master"
+
+
+def rbac_attributes(request: Request) -> tuple[str, str, str] | None:
+    """(API group, resource[/subresource], verb) that RBAC checks for ``request``; None for a path outside
+    the namespaced resource API."""
+    m = _PATH.match(request.path)
+    if not m:
+        return None
+    group = "" if m["core"] else m["group"]
+    resource = m["plural"] + (f"/{m['sub']}" if m["sub"] else "")
+    named = m["name"] is not None
+    if request.method == "GET":
+        verb = "get" if named else "watch" if request.query.get("watch", ["false"])[0] == "true" else "list"
+    else:
+        verb = {"POST": "create", "PUT": "update", "PATCH": "patch",
+                "DELETE": "delete" if named else "deletecollection"}.get(request.method, request.method.lower())
+    return group, resource, verb
 
 
 class ApiError(Exception):
@@ -169,6 +192,11 @@ class FakeKube:
         self.fail_next: list[tuple[str, str, int]] = []
         #: the next log follow stream breaks off (no final chunk) after this many lines
         self.follow_drop_after: int | None = None
+        #: (API group, resource, verb) -> allowed?; None allows everything (no RBAC)
+        self.authorizer: Any = None
+        #: a deleted object stays visible (being deleted) for this many GETs of it
+        self.delete_linger_reads = 0
+        self._lingering: dict[tuple[str, str, str], int] = {}
         self._reads: dict[tuple[str, str, str], int] = {}
         self._created_at: dict[tuple[str, str], float] = {}
         self._version = 0
@@ -279,6 +307,13 @@ class FakeKube:
                 "items": items}
 
     def do_get(self, plural: str, namespace: str, name: str) -> dict[str, Any]:
+        key = (plural, namespace, name)
+        if key in self._lingering:
+            if self._lingering[key] <= 0:
+                del self._lingering[key]
+                self.objects[plural].pop((namespace, name), None)
+            else:
+                self._lingering[key] -= 1
         obj = self._must_get(plural, namespace, name)
         key = (plural, namespace, name)
         self._reads[key] = self._reads.get(key, 0) + 1
@@ -328,6 +363,11 @@ class FakeKube:
 
     def do_delete(self, plural: str, namespace: str, name: str) -> dict[str, Any]:
         obj = self._must_get(plural, namespace, name)
+        if self.delete_linger_reads > 0:
+            obj["metadata"].setdefault("deletionTimestamp", _NOW)
+            self._lingering.setdefault((plural, namespace, name), self.delete_linger_reads)
+            return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+                    "details": {"name": name, "kind": plural, "uid": obj["metadata"]["uid"]}}
         del self.objects[plural][(namespace, name)]
         if plural == "pytorchjobs":  # garbage collection of the job's pods
             for key, pod in list(self.objects["pods"].items()):
@@ -471,10 +511,17 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length) if length else b""
         body = json.loads(raw) if raw else None
         kube = self.kube
+        request = Request(method, url.path, query, copy.deepcopy(body))
         with kube.lock:
-            kube.requests.append(Request(method, url.path, query, copy.deepcopy(body)))
+            kube.requests.append(request)
         m = _PATH.match(url.path)
         try:
+            attributes = rbac_attributes(request)
+            if kube.authorizer is not None and attributes and not kube.authorizer(*attributes):
+                group, resource, verb = attributes
+                raise ApiError(403, "Forbidden", f'{resource} is forbidden: User "system:serviceaccount:'
+                                                 f'{m["ns"]}:flowgrpo-pipeline-runner" cannot {verb} resource '
+                                                 f'"{resource}" in API group "{group}" in the namespace "{m["ns"]}"')
             if not m or m["plural"] not in RESOURCES:
                 raise ApiError(404, "NotFound", f"the server could not find the requested resource ({url.path})")
             group_version = m["core"] or f"{m['group']}/{m['version']}"

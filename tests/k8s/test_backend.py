@@ -26,9 +26,10 @@ def test_backend_runs_a_whole_run(kube: FakeKube, api: client.ApiClient, reward_
     result = backend.train(RUN_ID, train_job, log=lines.append)
     assert result["job"] == train_job.name and result["wall_s"] >= 0
     assert any("training done" in line for line in lines)
-    assert len(backend.teardown(RUN_ID)) == 5
+    assert len(backend.teardown(RUN_ID)) == 6  # job, 2 Deployments, 2 Services, the run's NetworkPolicy
     assert backend.teardown(RUN_ID) == []
     assert kube.list("deployments") == kube.list("services") == kube.list("pytorchjobs") == []
+    assert kube.list("networkpolicies") == []
 
 
 def test_backend_resolves_cluster_lazily(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

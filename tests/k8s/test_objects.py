@@ -56,7 +56,12 @@ def test_reward_deployment(reward_specs: list[RewardServerSpec]) -> None:
     assert env["HOME"]["value"] == "/tmp" and env["HF_HOME"]["value"] == "/tmp/hf"
     assert pod["tolerations"] == ocr.tolerations and pod["nodeSelector"] == ocr.node_selector
     assert pod["securityContext"]["runAsNonRoot"] is True
-    assert c["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    assert c["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                    "capabilities": {"drop": ["ALL"]}}
+    # a read-only root filesystem: /tmp (HOME and the caches) is an emptyDir
+    assert c["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}]
+    assert pod["volumes"] == [{"name": "tmp", "emptyDir": {}}]
+    assert pod["automountServiceAccountToken"] is False
 
     cheap_pod = objects.reward_deployment(cheap, RUN_ID, NAMESPACE)["spec"]["template"]["spec"]
     (c,) = cheap_pod["containers"]
@@ -119,8 +124,13 @@ def test_pytorchjob_single_node(train_job: TrainJobSpec) -> None:
     assert env["MLFLOW_RUN_ID"] == "abc" and env["HOME"] == "/tmp" and env["HF_HOME"] == "/tmp/hf"
     assert c["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
     assert c["resources"]["limits"] == {"cpu": "4", "memory": "32Gi"}
-    assert c["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"}]
-    assert template["spec"]["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}}]
+    assert c["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]
+    assert template["spec"]["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}},
+                                           {"name": "tmp", "emptyDir": {}}]
+    assert c["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                    "capabilities": {"drop": ["ALL"]}}
+    assert template["spec"]["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    assert template["spec"]["automountServiceAccountToken"] is False
     assert "serviceAccountName" not in template["spec"] and "tolerations" not in template["spec"]
     # the trainer command parses with the real CLI (torchrun --no-python runs `flowgrpo <rest>`)
     args = build_parser().parse_args(c["command"][3:])
@@ -144,3 +154,25 @@ def test_pytorchjob_multi_node_gpu() -> None:
     assert spec["serviceAccountName"] == "flowgrpo-trainer"
     assert spec["tolerations"] == job.tolerations and spec["nodeSelector"] == {"pool": "a100"}
     assert {e["name"]: e["value"] for e in spec["containers"][0]["env"]}["HOME"] == "/work"  # the job's env wins
+
+
+def test_reward_network_policy_admits_only_the_runs_trainers(reward_specs: list[RewardServerSpec]) -> None:
+    policy = objects.reward_network_policy(reward_specs, RUN_ID, NAMESPACE)
+    assert (policy["apiVersion"], policy["kind"]) == ("networking.k8s.io/v1", "NetworkPolicy")
+    assert policy["metadata"]["name"] == objects.reward_network_policy_name(RUN_ID)
+    assert policy["metadata"]["labels"][RUN_ID_LABEL] == RUN_ID  # teardown finds it
+    dep = objects.reward_deployment(reward_specs[0], RUN_ID, NAMESPACE)
+    selected = policy["spec"]["podSelector"]["matchLabels"]
+    assert selected.items() <= dep["spec"]["template"]["metadata"]["labels"].items()  # selects the servers ...
+    other = objects.reward_deployment(reward_specs[0], "another-run", NAMESPACE)
+    assert not selected.items() <= other["spec"]["template"]["metadata"]["labels"].items()  # ... of this run only
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    trainer = objects.pytorchjob(TrainJobSpec(name="j", config_uri="c", image="t:1"), RUN_ID, NAMESPACE)
+    trainer_labels = trainer["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["metadata"]["labels"]
+    (peer,) = rule["from"]
+    assert peer["podSelector"]["matchLabels"].items() <= trainer_labels.items()
+    assert "namespaceSelector" not in peer  # the run's own namespace only
+    assert rule["ports"] == [{"protocol": "TCP", "port": 8000}, {"protocol": "TCP", "port": 8080}]
+    with pytest.raises(ValueError, match="no reward servers"):
+        objects.reward_network_policy([], RUN_ID, NAMESPACE)

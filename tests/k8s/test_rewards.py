@@ -36,28 +36,74 @@ def test_deploy_creates_objects_and_returns_urls(kube: FakeKube, api: client.Api
     assert services[cheap]["metadata"]["labels"][RUN_ID_LABEL] == RUN_ID
 
 
-def test_redeploy_replaces_in_place(kube: FakeKube, api: client.ApiClient,
-                                    reward_specs: list[RewardServerSpec]) -> None:
-    """A retried deploy task: 409 on create, then replace with the resourceVersion and the cluster IP."""
+def _no_update_verbs(kube: FakeKube) -> None:
+    """The pipeline's Role grants no update or patch: nothing may be PUT or PATCHed."""
+    assert [r for r in kube.requests if r.method in ("PUT", "PATCH")] == []
+
+
+def test_redeploy_adopts_unchanged_objects(kube: FakeKube, api: client.ApiClient,
+                                           reward_specs: list[RewardServerSpec]) -> None:
+    """A retried deploy task with the same specs: 409 on create, same spec hash, so the servers (which may be
+    loading their models already) are kept as they are."""
     first = rewards.deploy(reward_specs, RUN_ID, NAMESPACE, api, timeout_s=5, poll_s=0.01)
-    ips = {s["metadata"]["name"]: s["spec"]["clusterIP"] for s in kube.list("services")}
+    uids = {(plural, o["metadata"]["name"]): o["metadata"]["uid"]
+            for plural in ("deployments", "services", "networkpolicies") for o in kube.list(plural)}
+    assert len(uids) == 5
+    assert rewards.deploy(reward_specs, RUN_ID, NAMESPACE, api, timeout_s=5, poll_s=0.01) == first
+    assert len(kube.calls("POST", "deployments")) == 4 and len(kube.calls("POST", "networkpolicies")) == 2
+    assert [r for r in kube.requests if r.method == "DELETE"] == []
+    assert {(plural, o["metadata"]["name"]): o["metadata"]["uid"]
+            for plural in ("deployments", "services", "networkpolicies") for o in kube.list(plural)} == uids
+    _no_update_verbs(kube)
+
+
+def test_redeploy_of_a_changed_server_deletes_waits_and_creates(kube: FakeKube, api: client.ApiClient,
+                                                               reward_specs: list[RewardServerSpec]) -> None:
+    first = rewards.deploy(reward_specs, RUN_ID, NAMESPACE, api, timeout_s=5, poll_s=0.01)
+    ocr = objects.reward_object_name(reward_specs[0], RUN_ID)
+    old_uid = kube.get("deployments", NAMESPACE, ocr)["metadata"]["uid"]
+    kube.delete_linger_reads = 3  # the old Deployment's pods take a while to go (foreground deletion)
     reward_specs[0].replicas = 2
     assert rewards.deploy(reward_specs, RUN_ID, NAMESPACE, api, timeout_s=5, poll_s=0.01) == first
-    assert len(kube.calls("POST", "deployments")) == 4 and len(kube.calls("PUT", "deployments")) == 2
-    assert len(kube.calls("PUT", "services")) == 2
-    assert all(r.body["metadata"]["resourceVersion"] for r in kube.calls("PUT", "deployments"))
-    assert {s["metadata"]["name"]: s["spec"]["clusterIP"] for s in kube.list("services")} == ips
-    ocr = kube.get("deployments", NAMESPACE, objects.reward_object_name(reward_specs[0], RUN_ID))
-    assert ocr["spec"]["replicas"] == 2 and ocr["metadata"]["generation"] == 2
+
+    (delete,) = kube.calls("DELETE", "deployments")  # only the changed server; its Service is unchanged
+    assert delete.path.endswith(f"/deployments/{ocr}") and delete.query["propagationPolicy"] == ["Foreground"]
+    assert kube.calls("DELETE", "services") == [] and kube.calls("DELETE", "networkpolicies") == []
+    new = kube.get("deployments", NAMESPACE, ocr)
+    assert new["spec"]["replicas"] == 2 and new["metadata"]["uid"] != old_uid
+    assert "deletionTimestamp" not in new["metadata"]
+    # created again only once the old one had gone (GET answered 404)
+    after_delete = kube.requests[kube.requests.index(delete) + 1:]
+    recreate = next(i for i, r in enumerate(after_delete)
+                    if r.method == "POST" and r.path.endswith("/deployments") and r.body["metadata"]["name"] == ocr)
+    polls = [r for r in after_delete[:recreate] if r.method == "GET" and r.path.endswith(f"/deployments/{ocr}")]
+    assert len(polls) == 4  # three while it was being deleted, then the 404
     assert len(kube.list("deployments")) == 2
+    _no_update_verbs(kube)
 
 
-def test_replace_retries_a_conflict(kube: FakeKube, api: client.ApiClient,
-                                    reward_specs: list[RewardServerSpec]) -> None:
+def test_a_conflicting_object_of_another_run_is_left_alone(kube: FakeKube, api: client.ApiClient,
+                                                           reward_specs: list[RewardServerSpec]) -> None:
+    squatter = objects.reward_service(reward_specs[0], RUN_ID, NAMESPACE)
+    squatter["metadata"]["labels"] = {RUN_ID_LABEL: "someone-else"}
+    kube.put(squatter)
+    with pytest.raises(BackendError, match=r"Service team-a/fgrpo-rw-ocr-\S+ already exists and belongs to run "
+                                           r"'someone-else'"):
+        rewards.deploy(reward_specs, RUN_ID, NAMESPACE, api, timeout_s=5, poll_s=0.01)
+    assert [r for r in kube.requests if r.method == "DELETE"] == []
+    assert kube.get("services", NAMESPACE, squatter["metadata"]["name"])["metadata"]["labels"] == {
+        RUN_ID_LABEL: "someone-else"}
+
+
+def test_an_object_that_never_goes_away_is_reported(kube: FakeKube, api: client.ApiClient,
+                                                    reward_specs: list[RewardServerSpec],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     rewards.deploy(reward_specs[:1], RUN_ID, NAMESPACE, api, timeout_s=5, poll_s=0.01)
-    kube.fail_next = [("PUT", "deployments", 409)]
-    rewards.deploy(reward_specs[:1], RUN_ID, NAMESPACE, api, timeout_s=5, poll_s=0.01)
-    assert len(kube.calls("PUT", "deployments")) == 2
+    monkeypatch.setattr(rewards, "_GONE_TIMEOUT_S", 0.05)
+    kube.delete_linger_reads = 10_000  # a stuck finalizer
+    reward_specs[0].memory = "16Gi"
+    with pytest.raises(BackendError, match=r"Deployment team-a/\S+ was deleted but is still there after 0.05s"):
+        rewards.deploy(reward_specs[:1], RUN_ID, NAMESPACE, api, timeout_s=5, poll_s=0.01)
 
 
 def test_deploy_timeout_names_the_server_with_its_pods_story(kube: FakeKube, api: client.ApiClient,
@@ -74,6 +120,20 @@ def test_deploy_timeout_names_the_server_with_its_pods_story(kube: FakeKube, api
     assert "waiting: CrashLoopBackOff" in message and "restarts=4" in message
     assert "BackOff: Back-off restarting failed container" in message
     assert "| RuntimeError: model weights not found" in message
+
+
+def test_deploy_timeout_without_access_to_events(kube: FakeKube, api: client.ApiClient,
+                                                 reward_specs: list[RewardServerSpec]) -> None:
+    """The pipeline's Role grants nothing on events: the message goes without them (asked once)."""
+    kube.deployments_available = False
+    kube.authorizer = lambda group, resource, verb: resource != "events"
+    with pytest.raises(BackendError) as err:
+        rewards.deploy(reward_specs, RUN_ID, NAMESPACE, api, timeout_s=0.2, poll_s=0.02)
+    message = str(err.value)
+    assert "is not available after 0.2s" in message and "waiting: CrashLoopBackOff" in message
+    assert "| RuntimeError: model weights not found" in message
+    assert "event" not in message.replace("events", "")
+    assert len(kube.calls("GET", "events")) == 1
 
 
 def test_malformed_spec_fails_before_any_request(kube: FakeKube, api: client.ApiClient) -> None:

@@ -33,14 +33,19 @@ def test_teardown_after_a_failed_job_removes_only_this_run(kube: FakeKube, api: 
 
     deleted = rewards.teardown(RUN_ID, NAMESPACE, api)
 
+    policy = objects.reward_network_policy_name(RUN_ID)
     assert sorted(deleted) == sorted([f"PyTorchJob/{train_job.name}"] + [f"Deployment/{n}" for n in ours]
-                                     + [f"Service/{n}" for n in ours])
+                                     + [f"Service/{n}" for n in ours] + [f"NetworkPolicy/{policy}"])
     assert deleted[0] == f"PyTorchJob/{train_job.name}"  # the training stops first
+    assert deleted[-1] == f"NetworkPolicy/{policy}"  # the servers' isolation goes last
     assert _names(kube, "deployments") == _names(kube, "services") == {other_reward}
+    assert _names(kube, "networkpolicies") == {objects.reward_network_policy_name(OTHER_RUN)}
     assert _names(kube, "pytorchjobs") == {"fgrpo-other"}
     assert _names(kube, "pods") == {"fgrpo-other-master-0"}
-    for r in kube.calls("GET", "deployments") + kube.calls("GET", "services") + kube.calls("GET", "pytorchjobs"):
-        if r.path.endswith(("/deployments", "/services", "/pytorchjobs")):  # the listings
+    listed = [r for plural in ("deployments", "services", "pytorchjobs", "networkpolicies")
+              for r in kube.calls("GET", plural)]
+    for r in listed:
+        if r.path.endswith(("/deployments", "/services", "/pytorchjobs", "/networkpolicies")):  # the listings
             assert r.query["labelSelector"] == [f"flowgrpo.io/run-id={RUN_ID}"]
 
     assert rewards.teardown(RUN_ID, NAMESPACE, api) == []  # twice is fine

@@ -40,6 +40,7 @@ def test_every_reward_object_variant_is_valid(gpus: int, extras: bool) -> None:
     for version in ("1.25", "1.30", "1.37"):
         validate_object(objects.reward_deployment(spec, RUN_ID, NAMESPACE), version)
         validate_object(objects.reward_service(spec, RUN_ID, NAMESPACE), version)
+        validate_object(objects.reward_network_policy([spec], RUN_ID, NAMESPACE), version)
 
 
 def _job() -> dict[str, Any]:
