@@ -39,7 +39,7 @@ def _check(cond: bool, name: str, value: Any, allowed: str) -> None:
 
 SDE_TYPES = ("sde", "cps")
 PRECISIONS = ("no", "fp16", "bf16")
-FAMILIES = ("sd3",)
+FAMILIES = ("sd3", "flux")
 DEVICES = ("auto", "cpu", "cuda")
 
 

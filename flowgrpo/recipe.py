@@ -124,6 +124,8 @@ class GRPORecipe:
             m.family, m.path, revision=m.revision, device=acc.device, mixed_precision=m.mixed_precision,
             max_sequence_length=m.max_sequence_length, full_finetune=not m.use_lora,
             needs_reference=cfg.train.beta > 0 or cfg.train.objective in ("dpo", "online_dpo", "sft"))
+        if hasattr(self.adapter, "resolution"):  # resolution-dependent schedules (FLUX's dynamic shift)
+            self.adapter.resolution = cfg.sample.resolution
         if m.use_lora:  # empty lora_targets: the family's default attention projections
             targets = {"target_modules": m.lora_targets} if m.lora_targets else {}
             self.adapter.add_lora(m.lora_rank, m.lora_alpha, **targets)

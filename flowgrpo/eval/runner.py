@@ -131,6 +131,8 @@ class Sampler:
         self.adapter = adapter
         self.settings = settings
         self.negative = adapter.encode_prompts([""]) if settings.guidance_scale > 1 else None
+        if hasattr(adapter, "resolution"):  # resolution-dependent schedules (FLUX's dynamic shift)
+            adapter.resolution = settings.resolution
         self.sigmas = adapter.sigmas(settings.num_steps)
         self.calls = 0
         self.images = 0

@@ -15,15 +15,13 @@ diffusers/peft are imported lazily (importing diffusers costs seconds).
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import os
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
 from .base import Conditioning, concat
+from .common import DiffusersAdapterBase, compute_dtype, dtype_kwarg
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusion3Pipeline
@@ -40,42 +38,14 @@ SD3_LORA_TARGETS: list[str] = [
     "attn.to_v",
 ]
 
-_DTYPES: dict[str, torch.dtype | None] = {"no": None, "fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-#: our ``init`` names -> peft ``init_lora_weights`` (other strings, e.g. "pissa", are passed to peft unchanged)
-_LORA_INIT: dict[str, Any] = {"gaussian": "gaussian", "default": True, "kaiming": True, "random": False}
 
-
-def _compute_dtype(mixed_precision: str) -> torch.dtype | None:
-    try:
-        return _DTYPES[mixed_precision]
-    except KeyError:
-        raise ValueError(f"mixed_precision must be one of {sorted(_DTYPES)}, got {mixed_precision!r}") from None
-
-
-def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """Move ``module`` to ``device``; cast only if some parameter has another dtype (diffusers warns on every
-    ``.to(dtype)``)."""
-    module.to(device)
-    if any(p.dtype != dtype for p in module.parameters()):
-        module.to(dtype)
-    return module
-
-
-def _dtype_kwarg() -> str:
-    """diffusers renamed ``from_pretrained(torch_dtype=)`` to ``dtype=`` (the old name is deprecated)."""
-    try:
-        from diffusers.utils import deprecation_utils
-
-        return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
-    except ImportError:
-        return "torch_dtype"
-
-
-class SD3Adapter:
+class SD3Adapter(DiffusersAdapterBase):
     """SD3 adapter. Build with :meth:`from_pretrained` (a diffusers directory) or :meth:`from_pipeline`.
 
     Attributes: ``pipe`` (the pipeline, holding the frozen VAE/text encoders), ``transformer`` (the unwrapped
     policy network), ``lora_config`` (peft ``LoraConfig`` or None), ``device``, ``dtype`` (autocast dtype or None).
+    LoRA, reference policy, trainable state and the merged export come from
+    :class:`~flowgrpo.models.common.DiffusersAdapterBase`.
 
     Full fine-tuning (``full_finetune=True``): the whole transformer is trainable. With ``needs_reference=True``
     (the default) a frozen deep copy of the *initial* transformer is taken at construction (taking it lazily
@@ -84,6 +54,8 @@ class SD3Adapter:
     """
 
     family = "sd3"
+    default_lora_targets = tuple(SD3_LORA_TARGETS)
+    text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
     def __init__(
         self,
@@ -94,28 +66,10 @@ class SD3Adapter:
         full_finetune: bool = False,
         needs_reference: bool = True,
     ) -> None:
-        self.device = torch.device(device)
-        self.dtype = _compute_dtype(mixed_precision)
-        self.mixed_precision = mixed_precision
+        super().__init__(pipe, device=device, mixed_precision=mixed_precision, full_finetune=full_finetune,
+                         needs_reference=needs_reference)
         self.max_sequence_length = int(max_sequence_length)
-        self.full_finetune = bool(full_finetune)
-        self.pipe = pipe
-        self.lora_config: Any = None  # peft.LoraConfig once add_lora() ran
-        self._in_reference = False
         self._sigmas: dict[int, torch.Tensor] = {}
-
-        te_dtype = self.dtype if (self.dtype is not None and self.device.type == "cuda") else torch.float32
-        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-            te = getattr(pipe, name, None)
-            if te is not None:
-                _place(te, self.device, te_dtype).eval().requires_grad_(False)
-        _place(pipe.vae, self.device, torch.float32).eval().requires_grad_(False)
-        self.transformer: torch.nn.Module = _place(pipe.transformer, self.device, torch.float32).eval()
-        self.transformer.requires_grad_(self.full_finetune)
-
-        self._ref_transformer: torch.nn.Module | None = None
-        if self.full_finetune and needs_reference:
-            self._ref_transformer = copy.deepcopy(self.transformer).requires_grad_(False).eval()
 
         self.scaling_factor = float(pipe.vae.config.scaling_factor)
         self.shift_factor = float(getattr(pipe.vae.config, "shift_factor", None) or 0.0)
@@ -137,11 +91,11 @@ class SD3Adapter:
         Text encoders are loaded directly in the compute dtype on CUDA (T5-XXL in fp32 would need ~19 GB)."""
         from diffusers import StableDiffusion3Pipeline
 
-        dtype = _compute_dtype(mixed_precision)
+        dtype = compute_dtype(mixed_precision)
         torch_dtype: Any = torch.float32
         if dtype is not None and torch.device(device).type == "cuda":
             torch_dtype = {"transformer": torch.float32, "vae": torch.float32, "default": dtype}
-        pipe = StableDiffusion3Pipeline.from_pretrained(str(path), **{_dtype_kwarg(): torch_dtype})
+        pipe = StableDiffusion3Pipeline.from_pretrained(str(path), **{dtype_kwarg(): torch_dtype})
         return cls(pipe, device=device, mixed_precision=mixed_precision, **kwargs)
 
     # ---------------------------------------------------------------------------------------------- geometry
@@ -186,16 +140,6 @@ class SD3Adapter:
 
     # --------------------------------------------------------------------------------------------- velocity
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
-
-    def _network(self, model: Callable[..., Any] | None) -> Callable[..., Any]:
-        if self._in_reference and self._ref_transformer is not None:
-            return self._ref_transformer  # full fine-tune reference: the frozen initial copy, never wrapped
-        return model if model is not None else self.transformer
-
     def velocity(
         self,
         latents: torch.Tensor,
@@ -239,150 +183,6 @@ class SD3Adapter:
         z = latents.to(self.device, vae.dtype) / self.scaling_factor + self.shift_factor
         x = vae.decode(z, return_dict=False)[0]
         return (x.float() / 2 + 0.5).clamp(0, 1)
-
-    # ------------------------------------------------------------------------------------------------ LoRA
-
-    def add_lora(
-        self,
-        rank: int,
-        alpha: int,
-        target_modules: Sequence[str] = tuple(SD3_LORA_TARGETS),
-        init: str = "gaussian",
-    ) -> None:
-        """Inject a peft LoRA adapter ("default") into the transformer; freezes everything else.
-        ``init``: "gaussian" (peft gaussian A, zero B: the output is unchanged at init), "default"/"kaiming",
-        "random" (B not zero), or any other peft ``init_lora_weights`` string."""
-        from peft import LoraConfig
-
-        if self.full_finetune:
-            raise RuntimeError("add_lora() is incompatible with full_finetune=True")
-        if self.lora_config is not None:
-            raise RuntimeError("a LoRA adapter is already attached")
-        config = LoraConfig(
-            r=int(rank),
-            lora_alpha=alpha,
-            target_modules=list(target_modules),
-            init_lora_weights=_LORA_INIT.get(init, init),
-        )
-        self.transformer.add_adapter(config)
-        self.lora_config = config
-        for n, p in self.transformer.named_parameters():
-            p.requires_grad_(self._is_lora(n))
-        if not any(self._is_lora(n) for n, _ in self.transformer.named_parameters()):
-            raise ValueError(f"no transformer module matched the LoRA targets {list(target_modules)}")
-
-    @staticmethod
-    def _is_lora(name: str) -> bool:
-        return ".lora_" in name
-
-    def _trainable_named(self) -> list[tuple[str, torch.nn.Parameter]]:
-        if self.lora_config is not None:
-            return [(n, p) for n, p in self.transformer.named_parameters() if self._is_lora(n)]
-        if self.full_finetune:
-            return list(self.transformer.named_parameters())
-        raise RuntimeError("nothing is trainable: call add_lora() or build the adapter with full_finetune=True")
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """LoRA weights after :meth:`add_lora`, else (full_finetune=True) every transformer parameter."""
-        return [p for _, p in self._trainable_named()]
-
-    @contextlib.contextmanager
-    def reference(self) -> Iterator[None]:
-        """Inside, ``velocity`` computes the reference (initial) policy: LoRA adapters disabled on the unwrapped
-        ``self.transformer`` (so a DDP/DeepSpeed wrapper passed as ``model=`` sees it too), or the frozen initial
-        copy for full fine-tuning (``model=`` is then ignored). Use under ``torch.no_grad()``."""
-        if self.lora_config is not None:
-            flags = [p.requires_grad for p in self.transformer.parameters()]  # peft toggles requires_grad
-            self.transformer.disable_adapters()
-            self._in_reference = True
-            try:
-                yield
-            finally:
-                self._in_reference = False
-                self.transformer.enable_adapters()
-                for p, f in zip(self.transformer.parameters(), flags):
-                    p.requires_grad_(f)
-        elif self.full_finetune:
-            if self._ref_transformer is None:
-                raise RuntimeError("no reference copy: the adapter was built with needs_reference=False")
-            self._in_reference = True
-            try:
-                yield
-            finally:
-                self._in_reference = False
-        else:  # nothing trained: the policy is the reference
-            yield
-
-    # ----------------------------------------------------------------------------------------- checkpoints
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """{param name: CPU fp32 clone} of the trainable parameters (names as in ``transformer.named_parameters``,
-        e.g. ``transformer_blocks.0.attn.to_q.lora_A.default.weight``)."""
-        return {n: p.detach().to("cpu", torch.float32).clone() for n, p in self._trainable_named()}
-
-    @torch.no_grad()
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Copy ``state`` into the trainable parameters; the key sets and shapes must match exactly."""
-        params = dict(self._trainable_named())
-        missing, unexpected = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())
-        if missing or unexpected:
-            raise KeyError(f"trainable state mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
-        for n, p in params.items():
-            if tuple(state[n].shape) != tuple(p.shape):
-                raise ValueError(f"shape mismatch for {n}: {tuple(state[n].shape)} vs {tuple(p.shape)}")
-            p.copy_(state[n].to(p.device, p.dtype))
-
-    @torch.no_grad()
-    def _merged_transformer(self) -> torch.nn.Module:
-        """A plain SD3 transformer whose weights are base + LoRA delta. Built on the meta device and filled with
-        ``assign=True``: unmerged tensors are shared with ``self.transformer`` (no copy), only the targeted
-        weights are new; ``self.transformer`` is not modified."""
-        from peft.tuners.lora import LoraLayer
-
-        base = self.transformer
-        state: dict[str, torch.Tensor] = {}
-        for name, t in base.state_dict().items():
-            if ".lora_" not in name:
-                state[name.replace(".base_layer.", ".")] = t
-        for mod_name, mod in base.named_modules():
-            if not isinstance(mod, LoraLayer):
-                continue
-            weight = mod.get_base_layer().weight
-            if getattr(mod, "use_dora", {}).get("default", False):
-                raise NotImplementedError("merging DoRA adapters is not supported")
-            delta = sum(mod.get_delta_weight(a) for a in mod.active_adapters if a in mod.lora_A)
-            state[f"{mod_name}.weight"] = (weight + delta).to(weight.dtype)
-        with torch.device("meta"):
-            merged = type(base).from_config(base.config)
-        merged.load_state_dict(state, strict=True, assign=True)
-        leftover = [n for n, t in [*merged.named_parameters(), *merged.named_buffers()] if t.is_meta]
-        if leftover:
-            raise RuntimeError(f"merged transformer has unfilled tensors: {leftover[:5]}")
-        return merged.eval()
-
-    def save_pretrained(self, out_dir: str | os.PathLike) -> None:
-        """Write a complete diffusers-format pipeline directory with the LoRA merged into the transformer weights
-        (the in-memory model stays unmerged and trainable). With LoRA, ``out_dir/lora/`` additionally holds
-        ``pytorch_lora_weights.safetensors`` (diffusers format, lora_alpha kept in its metadata, loadable with
-        ``pipe.load_lora_weights``) and the peft ``adapter_config.json``."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        transformer = self._merged_transformer() if self.lora_config is not None else self.transformer
-        pipe_cls = type(self.pipe)
-        pipe = pipe_cls(**{**self.pipe.components, "transformer": transformer})
-        pipe.save_pretrained(str(out), safe_serialization=True)
-        if self.lora_config is not None:
-            from peft.utils import get_peft_model_state_dict
-
-            lora_dir = out / "lora"
-            lora_state = {k: v.detach().to("cpu", torch.float32).contiguous()
-                          for k, v in get_peft_model_state_dict(self.transformer).items()}
-            pipe_cls.save_lora_weights(
-                str(lora_dir),
-                transformer_lora_layers=lora_state,
-                transformer_lora_adapter_metadata=self.lora_config.to_dict(),
-            )
-            self.lora_config.save_pretrained(str(lora_dir))
 
 
 __all__ = ["SD3Adapter", "SD3_LORA_TARGETS"]

@@ -1,0 +1,259 @@
+"""Offline tiny FLUX.1 pipelines (random weights) for development and tests.
+
+The FLUX counterpart of :mod:`flowgrpo.models.tiny`: a ``FluxPipeline`` built in memory from configs (no hub),
+with the same character-level tokenizers (CLIP for the pooled embedding, T5 for the sequence), a guidance-embedding
+("dev"-style, distilled guidance) ``FluxTransformer2DModel``, a 16-channel ``AutoencoderKL`` without quant convs
+(as FLUX's) and FLUX.1-dev's dynamic-shift scheduler config. Weights are a deterministic function of
+``(spec, seed)``.
+
+Usage::
+
+    pipe = build_tiny_flux_pipeline("tiny", seed=0)      # in memory, every component in .eval()
+    path = cached_tiny_flux_model("tiny")                # diffusers-format directory, built once
+    FluxPipeline.from_pretrained(path)                   # works offline
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .tiny import TINY_MARKER, build_clip_tokenizer, build_t5_tokenizer, default_cache_root
+
+if TYPE_CHECKING:  # diffusers takes seconds to import
+    from diffusers import FluxPipeline
+
+#: bump when the construction code changes in a way that changes the saved model (invalidates caches)
+TINY_FLUX_CODE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TinyFluxSpec:
+    """Sizes of a tiny FLUX pipeline. The T5 ``d_model`` is the transformer's ``joint_attention_dim``; the CLIP
+    hidden size is its ``pooled_projection_dim`` (FLUX uses CLIP's pooled output, no projection); the transformer
+    sees 2x2-packed latents, so ``in_channels`` = 4 x ``latent_channels``; ``sum(axes_dims_rope)`` = ``head_dim``."""
+
+    name: str
+    # VAE (FLUX: 16 latent channels, scaling 0.3611, shift 0.1159, no quant/post-quant convs)
+    vae_channels: tuple[int, ...] = (8, 16, 16, 16)  # 4 blocks -> vae_scale_factor 8
+    vae_layers_per_block: int = 1
+    vae_norm_groups: int = 4
+    latent_channels: int = 16
+    scaling_factor: float = 0.3611
+    shift_factor: float = 0.1159
+    #: default image size in pixels (stored as the VAE's ``sample_size``; the adapter's default resolution)
+    resolution: int = 64
+    # transformer
+    num_layers: int = 2  # double-stream (MM-DiT) blocks
+    num_single_layers: int = 2  # single-stream blocks
+    head_dim: int = 16
+    num_heads: int = 2
+    axes_dims_rope: tuple[int, int, int] = (4, 6, 6)
+    guidance_embeds: bool = True  # FLUX.1-dev style distilled guidance
+    # text encoders
+    clip_hidden: int = 32
+    clip_layers: int = 2
+    clip_heads: int = 4
+    clip_intermediate: int = 64
+    t5_d_model: int = 32
+    t5_layers: int = 2
+    t5_heads: int = 4
+    t5_d_kv: int = 8
+    t5_d_ff: int = 64
+    clip_max_length: int = 77
+    #: extra whole-word tokens for both tokenizers (see :func:`flowgrpo.models.tiny.build_clip_tokenizer`)
+    vocab_words: tuple[str, ...] = ()
+    # scheduler: FLUX.1-dev's (resolution-dependent shift mu from the image sequence length)
+    shift: float = 3.0
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+
+    @property
+    def hidden(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae_channels) - 1)
+
+
+TINY_FLUX_SPECS: dict[str, TinyFluxSpec] = {
+    # fast tests: 64 px (a 4 x 4 = 16 token image sequence), ~70k transformer params
+    "tiny": TinyFluxSpec(name="tiny"),
+}
+
+
+def get_flux_spec(spec_name: str) -> TinyFluxSpec:
+    try:
+        return TINY_FLUX_SPECS[spec_name]
+    except KeyError:
+        raise ValueError(f"unknown tiny FLUX spec {spec_name!r}; known: {sorted(TINY_FLUX_SPECS)}") from None
+
+
+def build_tiny_flux_pipeline(spec_name: str = "tiny", seed: int = 0) -> "FluxPipeline":
+    """A random-weight FLUX pipeline of spec ``spec_name``; weights are deterministic given ``seed`` (the global
+    torch RNG is left untouched). Every component is in ``.eval()``."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    s = get_flux_spec(spec_name)
+    if sum(s.axes_dims_rope) != s.head_dim:
+        raise ValueError(f"spec {spec_name!r}: sum(axes_dims_rope)={sum(s.axes_dims_rope)} != head_dim={s.head_dim}")
+    # extra words only when the spec has some (older tiny.py builders take no extra_words)
+    clip_tok = build_clip_tokenizer(s.clip_max_length, s.vocab_words) if s.vocab_words else build_clip_tokenizer(
+        s.clip_max_length)
+    t5_tok = build_t5_tokenizer(s.vocab_words) if s.vocab_words else build_t5_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=4 * s.latent_channels,
+            num_layers=s.num_layers,
+            num_single_layers=s.num_single_layers,
+            attention_head_dim=s.head_dim,
+            num_attention_heads=s.num_heads,
+            joint_attention_dim=s.t5_d_model,
+            pooled_projection_dim=s.clip_hidden,
+            guidance_embeds=s.guidance_embeds,
+            axes_dims_rope=s.axes_dims_rope,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * len(s.vae_channels),
+            up_block_types=("UpDecoderBlock2D",) * len(s.vae_channels),
+            block_out_channels=s.vae_channels,
+            layers_per_block=s.vae_layers_per_block,
+            latent_channels=s.latent_channels,
+            norm_num_groups=s.vae_norm_groups,
+            sample_size=s.resolution,
+            scaling_factor=s.scaling_factor,
+            shift_factor=s.shift_factor,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(clip_tok),
+                hidden_size=s.clip_hidden,
+                intermediate_size=s.clip_intermediate,
+                num_hidden_layers=s.clip_layers,
+                num_attention_heads=s.clip_heads,
+                max_position_embeddings=clip_tok.model_max_length,
+                hidden_act="gelu",
+                bos_token_id=clip_tok.bos_token_id,
+                eos_token_id=clip_tok.eos_token_id,  # != 2, so pooling takes the first eos position
+                pad_token_id=clip_tok.pad_token_id,
+            )
+        )
+        text_encoder_2 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(t5_tok),
+                d_model=s.t5_d_model,
+                d_kv=s.t5_d_kv,
+                d_ff=s.t5_d_ff,
+                num_layers=s.t5_layers,
+                num_heads=s.t5_heads,
+                dropout_rate=0.0,
+                feed_forward_proj="gated-gelu",
+                pad_token_id=t5_tok.pad_token_id,
+                eos_token_id=t5_tok.eos_token_id,
+                is_encoder_decoder=False,
+                use_cache=False,
+            )
+        )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=s.shift,
+        use_dynamic_shifting=True,
+        base_shift=s.base_shift,
+        max_shift=s.max_shift,
+        base_image_seq_len=s.base_image_seq_len,
+        max_image_seq_len=s.max_image_seq_len,
+    )
+    for m in (transformer, vae, text_encoder, text_encoder_2):
+        m.eval()
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tok,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=t5_tok,
+        transformer=transformer,
+    )
+
+
+def make_tiny_flux_model(out_dir: str | os.PathLike, seed: int = 0, spec_name: str = "tiny") -> Path:
+    """Save a complete diffusers-format FLUX pipeline directory plus ``flowgrpo_tiny.json`` (``"family": "flux"``);
+    ``FluxPipeline.from_pretrained(out_dir)`` then works offline. Returns ``Path(out_dir)``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = get_flux_spec(spec_name)
+    pipe = build_tiny_flux_pipeline(spec_name, seed)
+    pipe.save_pretrained(out, safe_serialization=True)
+    info = {
+        "family": "flux",
+        "spec": spec_name,
+        "seed": seed,
+        "code_version": TINY_FLUX_CODE_VERSION,
+        "resolution": spec.resolution,
+        "transformer_params": sum(p.numel() for p in pipe.transformer.parameters()),
+        "settings": dataclasses.asdict(spec),
+    }
+    (out / TINY_MARKER).write_text(json.dumps(info, indent=2) + "\n")
+    return out
+
+
+def tiny_flux_cache_key(spec_name: str = "tiny", seed: int = 0) -> str:
+    """``flux-<spec>-<12 hex>``: hash of the spec's settings, the seed and :data:`TINY_FLUX_CODE_VERSION`."""
+    payload = json.dumps(
+        {"family": "flux", "spec": dataclasses.asdict(get_flux_spec(spec_name)), "seed": seed,
+         "code": TINY_FLUX_CODE_VERSION},
+        sort_keys=True,
+    )
+    return f"flux-{spec_name}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
+
+
+def cached_tiny_flux_model(spec_name: str = "tiny", cache_dir: str | os.PathLike | None = None, seed: int = 0) -> Path:
+    """The directory of tiny FLUX model ``spec_name``, built on first use as ``<cache_dir>/flux-<spec>-<hash>``
+    (default cache root: :func:`flowgrpo.models.tiny.default_cache_root`). Built in a temp dir and renamed with
+    ``os.replace``, so concurrent callers never see a half-written model."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_root()
+    final = root / tiny_flux_cache_key(spec_name, seed)
+    if (final / TINY_MARKER).is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    try:
+        make_tiny_flux_model(tmp, seed=seed, spec_name=spec_name)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process won the race
+            if not (final / TINY_MARKER).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+__all__ = [
+    "TINY_FLUX_SPECS",
+    "TinyFluxSpec",
+    "build_tiny_flux_pipeline",
+    "cached_tiny_flux_model",
+    "get_flux_spec",
+    "make_tiny_flux_model",
+    "tiny_flux_cache_key",
+]
