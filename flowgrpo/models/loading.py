@@ -3,6 +3,7 @@
 ``resolve_model_path`` understands:
 
 * ``tiny`` / ``tiny:<spec>``  - an offline tiny SD3 built once into the cache (:func:`tiny.cached_tiny_model`)
+* ``tiny-flux`` / ``tiny-flux:<spec>`` - an offline tiny FLUX (:func:`tiny_flux.cached_tiny_flux_model`)
 * an existing local directory, or ``file:///abs/dir``
 * ``s3://bucket/prefix``       - every object under the prefix, downloaded once into the cache (boto3; endpoint from
   ``AWS_ENDPOINT_URL`` or ``MLFLOW_S3_ENDPOINT_URL``); a completion marker makes re-use safe after a crash
@@ -21,11 +22,12 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from .base import ModelAdapter
+from .flux import FluxAdapter
 from .sd3 import SD3Adapter
 from .tiny import cached_tiny_model, default_cache_root
 
 #: family name -> adapter class (each has ``from_pretrained(path, device=, mixed_precision=, ...)``)
-ADAPTERS: dict[str, Any] = {"sd3": SD3Adapter}
+ADAPTERS: dict[str, Any] = {"sd3": SD3Adapter, "flux": FluxAdapter}
 
 S3_MARKER = ".flowgrpo_download_complete"
 
@@ -111,6 +113,10 @@ def resolve_model_path(path: str, revision: str | None = None, cache_dir: str | 
     path = str(path)
     if path == "tiny" or path.startswith("tiny:"):
         return cached_tiny_model(path.partition(":")[2] or "tiny", cache_dir=_cache_root(cache_dir))
+    if path == "tiny-flux" or path.startswith("tiny-flux:"):
+        from .tiny_flux import cached_tiny_flux_model
+
+        return cached_tiny_flux_model(path.partition(":")[2] or "tiny", cache_dir=_cache_root(cache_dir))
     if path.startswith("s3://"):
         return _download_s3(path, _cache_root(cache_dir))
     if path.startswith("file://"):
