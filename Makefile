@@ -23,9 +23,12 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 # the whole pipeline DAG on this machine (kfp.local): fetch -> reward server -> torchrun training -> eval ->
-# gated registration in MLflow (embedded sqlite); prints each task's wall time and the registered version
+# gated registration in MLflow (embedded sqlite); prints each task's wall time and the registered version.
+# The base model is the tiny SD3 pretrained on the shapes world (built once into ~/.cache/flowgrpo, ~15 min on
+# 2 cores the first time); DEMO_PRESET=tiny_cpu runs the same DAG on a random tiny model in about a minute.
+DEMO_PRESET ?= shapes_cpu
 demo: $(STAMP)
-	$(BIN)/flowgrpo pipeline run --local --preset tiny_cpu --pipeline-root $(DEMO_DIR)
+	$(BIN)/flowgrpo pipeline run --local --preset $(DEMO_PRESET) --pipeline-root $(DEMO_DIR)
 
 test: $(STAMP)
 	-$(MAKE) --no-print-directory checkov-venv

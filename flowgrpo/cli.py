@@ -3,6 +3,8 @@
   flowgrpo train --config configs/tiny_cpu.yaml output_dir=DIR train.epochs=3 [--resume auto|never|PATH]
   flowgrpo validate --config configs/geneval_sd3.yaml [--world-size 32] [key=value ...]
   flowgrpo make-tiny-model DIR [--spec tiny|bench_cpu]
+  flowgrpo pretrain-shapes DIR [--preset default|small] [--seed 0] [--budget-s 900]
+  flowgrpo bench shapes [--cpu-budget-s 600] [--variants flowgrpo,fast_nocfg] [--guard]
   flowgrpo bench rollout|train [--model DIR] [--batch 8] [--steps 10] [--resolution 128] [--guidance 4.5]
   flowgrpo registry show|promote|rollback|register --model NAME [--version V] [--gate GATE.yaml] [--tracking-uri URI]
   flowgrpo mlflow-ui [--port 5000] [--print-only]
@@ -44,6 +46,12 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
 
     print(make_tiny_model(args.out_dir, spec_name=args.spec, seed=args.seed))
     return 0
+
+
+def _cmd_pretrain_shapes(args: argparse.Namespace) -> int:
+    from flowgrpo.models.pretrain import cli_pretrain_shapes
+
+    return cli_pretrain_shapes(args)
 
 
 def _cmd_serve_reward(args: argparse.Namespace) -> int:
@@ -141,6 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(fn=_cmd_make_tiny)
 
+    ps = sub.add_parser("pretrain-shapes", help="pretrain the offline shapes-world SD3 base model (flow matching)")
+    ps.add_argument("out_dir")
+    ps.add_argument("--preset", default="default", help="settings preset: default | small (flowgrpo.models.pretrain)")
+    ps.add_argument("--seed", type=int, default=0)
+    ps.add_argument("--steps", type=int, default=None, help="flow-matching steps (default: the preset's)")
+    ps.add_argument("--resolution", type=int, default=None, help="pixels (default: the preset's, 64)")
+    ps.add_argument("--budget-s", dest="budget_s", type=float, default=900.0,
+                    help="wall-time cap for both stages (<= 0: none; a capped run is marked stopped_early)")
+    ps.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ps.set_defaults(fn=_cmd_pretrain_shapes)
+
     s = sub.add_parser("serve-reward", help="serve rewards over HTTP (POST /v1/score, /healthz, /readyz, /metrics)")
     s.add_argument("--reward", action="append", required=True, metavar="NAME", help="repeat for several rewards")
     s.add_argument("--host", default="0.0.0.0")
@@ -157,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_serve_reward)
 
     b = sub.add_parser("bench", help="benchmarks printing one JSON line")
-    b.add_argument("what", choices=["rollout", "train", "reward-server", "dag", "eval"])
+    b.add_argument("what", choices=["rollout", "train", "reward-server", "dag", "eval", "shapes"])
     b.add_argument("--model", default="tiny:bench_cpu", help="diffusers SD3 dir, or tiny:<spec>")
     b.add_argument("--batch", type=int, default=8)
     b.add_argument("--steps", type=int, default=10)
@@ -180,6 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--epochs", type=int, default=0, help="dag bench: epochs (0 = the preset's)")
     b.add_argument("--num-prompts", dest="num_prompts", type=int, default=0, help="eval bench: prompts (0 = default)")
     b.add_argument("--device", default="auto", help="eval bench: cpu | cuda | auto")
+    b.add_argument("--variants", default="flowgrpo,fast_nocfg", help="shapes bench: flowgrpo, fast_nocfg, guard")
+    b.add_argument("--guard", action="store_true", help="shapes bench: also run GRPO-Guard")
+    b.add_argument("--cpu-budget-s", dest="cpu_budget_s", type=float, default=600.0,
+                   help="shapes bench: CPU seconds of training per variant")
+    b.add_argument("--eval-points", dest="eval_points", type=int, default=3, help="shapes bench: evals along the budget")
+    b.add_argument("--n-per-tag", dest="n_per_tag", type=int, default=16, help="shapes bench: held-out prompts per tag")
+    b.add_argument("--seeds", type=int, default=2, help="shapes bench: samples per held-out prompt")
+    b.add_argument("--out-dir", dest="out_dir", default=None, help="shapes bench: where runs go (default: a temp dir)")
+    b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="shapes bench: config override on configs/shapes_cpu.yaml (repeatable)")
     b.set_defaults(fn=_cmd_bench)
 
     r = sub.add_parser("registry", help="MLflow model registry: show, gated promote, rollback, register")

@@ -35,7 +35,12 @@ def _builtin(name: str) -> PromptSet:
         return PromptSet([s.format(a) for s, a in itertools.product(_STYLES, _ANIMALS)])
     if name == "animals_test":  # held out: animals never seen in training, 16 prompts
         return PromptSet([s.format(a) for s, a in itertools.product(_STYLES, _HELD_OUT_ANIMALS)])
-    raise ValueError(f"unknown built-in prompt set {name!r}; available: ['animals', 'animals_test']")
+    if name in ("shapes_train", "shapes_test"):  # the shapes world's tag-balanced GenEval rows (flowgrpo.eval.shapes)
+        from flowgrpo.eval.shapes import builtin_prompt_set
+
+        return builtin_prompt_set(name[len("shapes_"):])
+    raise ValueError(f"unknown built-in prompt set {name!r}; available: ['animals', 'animals_test', 'shapes_train', "
+                     "'shapes_test']")
 
 
 def load_prompts(spec: str) -> PromptSet:

@@ -7,6 +7,7 @@ prints one line).
   and the measured update loop over the trained steps (full: int(0.99 T); ``--window``: the window).
 * ``reward-server``: reward throughput through the HTTP reward server vs in-process (:mod:`.reward_server`).
 * ``eval``: images/s of the eval sampler and the share of eval time spent scoring (:mod:`flowgrpo.eval.bench`).
+* ``shapes``: held-out shapes-world score before / after a CPU budget of Flow-GRPO (:mod:`.shapes`).
 * ``dag``: the local pipeline DAG's overhead (everything but the train task) on the tiny demo (:mod:`.dag`).
 """
 
@@ -29,6 +30,10 @@ def run_bench(args: Any) -> dict[str, Any]:
         from flowgrpo.eval.bench import run as run_eval_bench
 
         return run_eval_bench(args)
+    if args.what == "shapes":
+        from flowgrpo.bench.shapes import run as run_shapes
+
+        return run_shapes(args)
     if args.what == "dag":
         from flowgrpo.bench.dag import run as run_dag
 

@@ -264,6 +264,19 @@ def prompt_set(n: int, seed: int = 0, split: str = "train", tags: Sequence[str] 
     return PromptSet([r["prompt"] for r in rows], rows)
 
 
+#: the built-in prompt sets ``builtin:shapes_train`` / ``builtin:shapes_test``: prompts per tag (tag-balanced)
+BUILTIN_PROMPTS_PER_TAG = {"train": 256, "test": 16}
+
+
+def builtin_prompt_set(split: str) -> PromptSet:
+    """``builtin:shapes_<split>``: ``train`` = 256 prompts per tag of the train split (tags with fewer scenes,
+    single objects, repeat theirs); ``test`` = 16 per tag of the test split (no test scene is in any train
+    prompt). Seed 0, deterministic."""
+    if split not in BUILTIN_PROMPTS_PER_TAG:
+        raise ValueError(f"unknown shapes split {split!r}; expected one of {sorted(BUILTIN_PROMPTS_PER_TAG)}")
+    return prompt_set(len(TAGS) * BUILTIN_PROMPTS_PER_TAG[split], seed=0, split=split)
+
+
 def write_jsonl(prompts: PromptSet | Iterable[Mapping[str, Any]], path: str | Path) -> Path:
     """Write metadata rows as ``<path>`` JSON lines (what :func:`flowgrpo.prompts.load_prompts` reads)."""
     rows = prompts.metadata if isinstance(prompts, PromptSet) else list(prompts)
@@ -582,6 +595,7 @@ def score(image: np.ndarray, metadata: Mapping[str, Any], *, strict: bool = Fals
 
 
 __all__ = [
+    "BUILTIN_PROMPTS_PER_TAG", "builtin_prompt_set",
     "BACKGROUND", "COLORS", "COUNTING_COUNTS", "HELD_OUT_COMBOS", "HOLDOUTS", "PALETTE", "SHAPES", "SPLITS",
     "ShapeObject", "ShapesDetector", "TEST_FRACTION", "all_prompts", "classify_shape", "detect", "detect_batch",
     "draw", "judge", "layout", "make_row", "prompt_set", "render", "render_batch", "scene_key", "score", "segment",

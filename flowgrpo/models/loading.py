@@ -4,6 +4,9 @@
 
 * ``tiny`` / ``tiny:<spec>``  - an offline tiny SD3 built once into the cache (:func:`tiny.cached_tiny_model`)
 * ``tiny-flux`` / ``tiny-flux:<spec>`` - an offline tiny FLUX (:func:`tiny_flux.cached_tiny_flux_model`)
+* ``shapes`` / ``shapes:<preset>`` - the tiny SD3 pretrained on the shapes world, trained once into the cache
+  (:func:`pretrain.cached_shapes_model`; presets in :data:`pretrain.PRESETS`, ``shapes`` = ``shapes:default``;
+  sample it with ``model.max_sequence_length=16``)
 * an existing local directory, or ``file:///abs/dir``
 * ``s3://bucket/prefix``       - every object under the prefix, downloaded once into the cache (boto3; endpoint from
   ``AWS_ENDPOINT_URL`` or ``MLFLOW_S3_ENDPOINT_URL``); a completion marker makes re-use safe after a crash
@@ -16,6 +19,7 @@ import hashlib
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -101,7 +105,8 @@ def _download_hub(repo_id: str, revision: str | None, cache_dir: str | os.PathLi
     except Exception as e:  # offline, gated, not found, ...
         raise ModelResolutionError(
             f"could not fetch Hugging Face model {repo_id!r} (revision={revision!r}): {type(e).__name__}: {e}. "
-            "Without network access, pass a local directory, file://, s3:// or 'tiny[:spec]' instead "
+            "Without network access, pass a local directory, file://, s3://, 'tiny[:spec]' or 'shapes[:preset]' "
+            "instead "
             "(or pre-populate the Hugging Face cache)."
         ) from e
 
@@ -117,6 +122,11 @@ def resolve_model_path(path: str, revision: str | None = None, cache_dir: str | 
         from .tiny_flux import cached_tiny_flux_model
 
         return cached_tiny_flux_model(path.partition(":")[2] or "tiny", cache_dir=_cache_root(cache_dir))
+    if path == "shapes" or path.startswith("shapes:"):
+        from .pretrain import cached_shapes_model  # lazy: pretraining pulls in the shapes world
+
+        return cached_shapes_model(path.partition(":")[2] or "default", cache_dir=_cache_root(cache_dir),
+                                   log=lambda m: print(f"[pretrain-shapes] {m}", file=sys.stderr, flush=True))
     if path.startswith("s3://"):
         return _download_s3(path, _cache_root(cache_dir))
     if path.startswith("file://"):

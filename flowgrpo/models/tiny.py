@@ -68,6 +68,12 @@ class TinySpec:
     t5_d_ff: int = 64
     # scheduler
     shift: float = 3.0
+    # tokenizers (defaults = the generic character-level tokenizers; see :func:`build_clip_tokenizer`)
+    #: CLIP sequence length (``model_max_length``; SD3 pads every CLIP sequence to it)
+    clip_max_length: int = 77
+    #: extra whole-word tokens: CLIP merges and T5 ``▁word`` pieces (a small closed prompt vocabulary then
+    #: tokenizes to one token per word, so short sequences suffice)
+    vocab_words: tuple[str, ...] = ()
 
     @property
     def hidden(self) -> int:
@@ -86,6 +92,12 @@ class TinySpec:
         """Default image size in pixels."""
         return self.sample_size * self.vae_scale_factor
 
+
+#: every word of the shapes-world prompts (:mod:`flowgrpo.eval.shapes`): one token each in the ``shapes`` spec
+SHAPES_WORDS: tuple[str, ...] = (
+    "a", "above", "an", "and", "below", "black", "blue", "circle", "circles", "four", "green", "left", "of", "orange",
+    "photo", "purple", "red", "right", "square", "squares", "three", "triangle", "triangles", "two", "white", "yellow",
+)
 
 TINY_SPECS: dict[str, TinySpec] = {
     # fast tests: 64 px, ~82k transformer params
@@ -109,6 +121,26 @@ TINY_SPECS: dict[str, TinySpec] = {
         t5_heads=4,
         t5_d_kv=64,
         t5_d_ff=512,
+    ),
+    # the shapes-world base model (flowgrpo.models.pretrain): a 4x VAE with 8 latent channels (64 px -> 16 x 16 x 8,
+    # 64 image tokens at patch 2), a 4-block MM-DiT with 128 hidden (~0.9M params), word-level tokenizers with
+    # 16-token CLIP sequences (use model.max_sequence_length=16 for T5 too). Random weights until pretrained.
+    "shapes": TinySpec(
+        name="shapes",
+        vae_channels=(8, 16, 16),
+        latent_channels=8,
+        sample_size=16,
+        num_layers=4,
+        head_dim=32,
+        num_heads=4,
+        joint_attention_dim=64,
+        pos_embed_max_size=32,
+        clip_hidden=32,
+        clip_projection_dim=32,
+        t5_d_kv=16,
+        t5_d_ff=128,
+        clip_max_length=16,
+        vocab_words=SHAPES_WORDS,
     ),
 }
 
@@ -161,9 +193,10 @@ def _clip_merges(words: tuple[str, ...] | list[str]) -> list[tuple[str, str]]:
     return merges
 
 
-def build_clip_tokenizer(model_max_length: int = 77):
+def build_clip_tokenizer(model_max_length: int = 77, extra_words: tuple[str, ...] | list[str] = ()):
     """Byte-level CLIP BPE tokenizer: every byte is a token (with and without ``</w>``), plus whole-word merges
-    for ~60 frequent prompt words.
+    for ~60 frequent prompt words. ``extra_words``: whole-word merges ranked before the default ones, so each of
+    them is one token (the ids of the merged tokens then differ from the default tokenizer's).
 
     Ids: 0..255 bytes, 256..511 bytes+``</w>``, 512 ``<|startoftext|>``, 513 ``<|endoftext|>`` (also pad/unk),
     then the merged tokens. Lowercases (as CLIP does)."""
@@ -175,21 +208,35 @@ def build_clip_tokenizer(model_max_length: int = 77):
     vocab["<|startoftext|>"] = 512
     vocab["<|endoftext|>"] = 513
     merges = _clip_merges(_CLIP_WORDS)
+    if extra_words:  # ranked first, so no default merge can split them (e.g. "qu" of "quality" in "square")
+        extra = _clip_merges([w.lower() for w in extra_words])
+        merges = extra + [m for m in merges if m not in extra]
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
-def build_t5_tokenizer():
+def build_t5_tokenizer(extra_words: tuple[str, ...] | list[str] = ()):
     """Character-level T5 (unigram) tokenizer: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, then ``▁`` and every
     printable ASCII / Latin-1 char with and without the ``▁`` word prefix (prefixed pieces score higher, so a word
-    is ``▁h e l l o``). Case preserving; no sentinel (extra_id) tokens."""
+    is ``▁h e l l o``). Case preserving; no sentinel (extra_id) tokens. ``extra_words``: whole-word pieces
+    ``▁word`` appended after those (they outscore any spelling, so each such word is one token)."""
     from transformers import T5Tokenizer
 
     chars = [chr(c) for c in range(33, 127)] + [chr(c) for c in range(161, 256)]
     vocab: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -4.0)]
     vocab += [("▁" + c, -2.0) for c in chars] + [(c, -3.0) for c in chars]
+    known = {piece for piece, _ in vocab}
+    for w in dict.fromkeys(extra_words):
+        if len(w) > 1 and "▁" + w not in known:
+            vocab.append(("▁" + w, -1.0))
+            known.add("▁" + w)
     return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def _tokenizers(spec: TinySpec):
+    """(CLIP, T5) tokenizers of a spec."""
+    return (build_clip_tokenizer(spec.clip_max_length, spec.vocab_words), build_t5_tokenizer(spec.vocab_words))
 
 
 # ------------------------------------------------------------------------------------------------ pipeline
@@ -208,7 +255,7 @@ def build_tiny_pipeline(spec_name: str = "tiny", seed: int = 0) -> "StableDiffus
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     s = get_spec(spec_name)
-    tok, tok3 = build_clip_tokenizer(), build_t5_tokenizer()
+    tok, tok3 = _tokenizers(s)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer = SD3Transformer2DModel(
@@ -279,7 +326,7 @@ def build_tiny_pipeline(spec_name: str = "tiny", seed: int = 0) -> "StableDiffus
         text_encoder=text_encoder,
         tokenizer=tok,
         text_encoder_2=text_encoder_2,
-        tokenizer_2=build_clip_tokenizer(),
+        tokenizer_2=_tokenizers(s)[0],
         text_encoder_3=text_encoder_3,
         tokenizer_3=tok3,
     )
@@ -306,10 +353,24 @@ def make_tiny_model(out_dir: str | os.PathLike, spec_name: str = "tiny", seed: i
     return out
 
 
+#: spec fields added after the first caches were written: left out of the key while at their default, so the
+#: keys (and cached directories) of the older specs stay valid
+_LATE_FIELDS = {"clip_max_length": 77, "vocab_words": ()}
+
+
+def spec_settings(spec: TinySpec) -> dict:
+    """The spec's settings as hashed into cache keys (late fields only when they differ from their default)."""
+    out = dataclasses.asdict(spec)
+    for name, default in _LATE_FIELDS.items():
+        if out[name] == default:
+            del out[name]
+    return out
+
+
 def tiny_cache_key(spec_name: str, seed: int = 0) -> str:
     """``<spec>-<12 hex>``: hash of the spec's settings, the seed and :data:`TINY_CODE_VERSION`."""
     payload = json.dumps(
-        {"spec": dataclasses.asdict(get_spec(spec_name)), "seed": seed, "code": TINY_CODE_VERSION}, sort_keys=True
+        {"spec": spec_settings(get_spec(spec_name)), "seed": seed, "code": TINY_CODE_VERSION}, sort_keys=True
     )
     return f"{spec_name}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
 

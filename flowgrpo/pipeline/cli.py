@@ -67,14 +67,35 @@ def parse_args_list(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+#: model paths that need no network (built or trained offline into the cache): a local run starts from the
+#: preset's own ``model.path`` when it is one of these, else from the random tiny model
+OFFLINE_MODELS = ("tiny", "tiny-flux", "shapes")
+
+
+def offline_base_model(preset: str) -> str:
+    """The base model a local run of ``preset`` fetches: the preset's ``model.path`` when it is an offline one
+    (``shapes`` for shapes_cpu, ``tiny-flux`` for tiny_flux_cpu), else ``tiny``."""
+    import yaml
+
+    from flowgrpo.pipeline.params import resolve_preset
+
+    path = resolve_preset(preset)
+    if str(path).startswith("s3:"):
+        return "tiny"
+    data = yaml.safe_load(path.read_text()) or {}
+    model_path = str((data.get("model") or {}).get("path") or "")
+    return model_path if model_path.partition(":")[0] in OFFLINE_MODELS else "tiny"
+
+
 def local_arguments(preset: str, root: Path, extra: dict[str, Any]) -> dict[str, Any]:
-    """The embedded default: tiny model built offline, local reward servers and torchrun, local storage,
-    MLflow on the embedded sqlite store."""
+    """The embedded default: the preset's offline base model (:func:`offline_base_model`), local reward servers
+    and torchrun, local storage, MLflow on the embedded sqlite store."""
     from flowgrpo.tracking import resolve_tracking_uri
 
-    args = {"backend": "local", "base_model": "tiny", "preset": preset, "gpus_per_node": 0,
+    base = offline_base_model(preset)
+    args = {"backend": "local", "base_model": base, "preset": preset, "gpus_per_node": 0,
             "storage_root": str(root / "store"), "tracking_uri": resolve_tracking_uri(""),
-            "model_name": "flowgrpo-tiny", "eval_suites": "preset", "namespace": ""}
+            "model_name": f"flowgrpo-{base.partition(':')[0]}", "eval_suites": "preset", "namespace": ""}
     args.update(extra)
     return args
 

@@ -72,3 +72,19 @@ def test_cli_refuses_bad_input_before_contacting_anything(capsys):
     assert rc == 2 and "nodes" in capsys.readouterr().err
     rc = main(["pipeline", "run", "--local", "--preset", "nope", "--pipeline-root", "/tmp/unused-flowgrpo"])
     assert rc == 2 and "preset" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset,base,name", [
+    ("tiny_cpu", "tiny", "flowgrpo-tiny"),
+    ("shapes_cpu", "shapes", "flowgrpo-shapes"),  # what `make demo` runs: the pretrained shapes base
+    ("tiny_flux_cpu", "tiny-flux", "flowgrpo-tiny-flux"),
+    ("geneval_sd3", "tiny", "flowgrpo-tiny"),  # a hub model cannot be fetched offline: the random tiny model
+])
+def test_local_runs_start_from_the_presets_offline_base_model(tmp_path, preset, base, name):
+    from flowgrpo.pipeline.cli import local_arguments
+
+    args = local_arguments(preset, tmp_path, {})
+    assert (args["base_model"], args["model_name"], args["preset"]) == (base, name, preset)
+    assert local_arguments(preset, tmp_path, {"base_model": "/models/x"})["base_model"] == "/models/x"
+    if preset.endswith("_cpu"):  # the paper presets need their cluster's world size
+        validate_arguments({k: v for k, v in args.items() if k != "tracking_uri"})
