@@ -7,9 +7,10 @@
    reward), per-tag accuracies.
 3. Flow-GRPO variants trained from the base for a fixed **CPU budget** (this process's user + system seconds, so
    other processes on the machine do not shrink it; wall seconds are reported too), evaluated the same way at a
-   few points of the budget (evaluation time is not counted): ``flowgrpo`` (full SDE, CFG), ``fast_nocfg``
-   (Flow-GRPO-Fast window, CPS, guidance 1: sampled and evaluated without CFG) and, with ``--guard``, ``guard``
-   (``flowgrpo`` + GRPO-Guard).
+   few points of the budget (evaluation time is not counted): ``flowgrpo`` (the preset: full SDE, CFG-free),
+   ``fast_nocfg`` (Flow-GRPO-Fast window, CPS, CFG-free), ``flowgrpo_cfg`` (full SDE with CFG 4.5, sampled
+   and evaluated with it) and, with ``--guard``, ``guard`` (``flowgrpo`` + GRPO-Guard). Each is compared with the
+   base sampled at the variant's own guidance scale.
 4. Gold metrics the proxy reward does not see (over-optimisation check): ``exact_scene`` (the image holds exactly
    the requested objects - no extra shapes of other classes, which the GenEval rules ignore - and is strictly
    correct), ``junk`` (fraction of pixels of a palette colour that belong to no detected shape), ``diversity``
@@ -36,13 +37,15 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 PRESET = REPO / "configs" / "shapes_cpu.yaml"
 
-#: variant name -> config overrides on top of configs/shapes_cpu.yaml
+#: variant name -> config overrides on top of configs/shapes_cpu.yaml (whose own setting, full SDE without CFG,
+#: is ``flowgrpo``); each variant is evaluated at its own ``eval.guidance_scale`` against the base at the same one
 VARIANTS: dict[str, list[str]] = {
     "flowgrpo": [],
     # Flow-GRPO-Fast + no CFG: 2 SDE steps in the first half of the schedule, CPS, guidance 1 (train and eval)
     "fast_nocfg": ["sample.sde_window_size=2", "sample.sde_window_range=[0,5]", "sample.sde_type=cps",
-                   "sample.noise_level=0.8", "sample.guidance_scale=1.0", "eval.guidance_scale=1.0",
-                   "train.clip_range=2.0e-3"],
+                   "sample.noise_level=0.8", "train.clip_range=2.0e-3"],
+    # the paper's default: full SDE with CFG 4.5 when sampling, training and evaluating
+    "flowgrpo_cfg": ["sample.guidance_scale=4.5", "eval.guidance_scale=4.5", "train.learning_rate=1.0e-4"],
     "guard": ["train.guard=true"],
 }
 
@@ -280,6 +283,8 @@ def run_shapes_bench(*, model: str = "shapes", variants: Sequence[str] = ("flowg
     root = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="flowgrpo-bench-shapes-"))
     base_cfg = _load_cfg(list(overrides), root, str(local))
     e = base_cfg.eval
+    guidance = {name: _load_cfg([*VARIANTS[name], *overrides], root, str(local)).eval.guidance_scale
+                for name in variants}
     test_set = eval_prompts(n_per_tag, "test", seed=0)
     train_set = eval_prompts(max(2, n_per_tag // 2), "train", seed=1)
     ev = dict(resolution=base_cfg.sample.resolution, num_steps=e.num_steps, seeds_per_prompt=n_seeds,
@@ -298,11 +303,11 @@ def run_shapes_bench(*, model: str = "shapes", variants: Sequence[str] = ("flowg
     }
     with CpuMonitor() as mon:
         base = {}
-        for g in sorted({e.guidance_scale, *(1.0 for v in variants if v == "fast_nocfg")}, reverse=True):
+        for g in sorted(set(guidance.values()) or {e.guidance_scale}, reverse=True):
             base[f"cfg{g:g}"] = evaluate_adapter(adapter, test_set, guidance_scale=g, **ev)
+            base[f"cfg{g:g}"]["train_prompts"] = evaluate_adapter(adapter, train_set, guidance_scale=g, **ev)
             if log:
                 log(f"base (guidance {g:g}): overall {base[f'cfg{g:g}']['overall']:.3f}")
-        base["train_prompts"] = evaluate_adapter(adapter, train_set, guidance_scale=e.guidance_scale, **ev)
         del adapter
         result["base"] = base
         runs = {}
@@ -314,7 +319,7 @@ def run_shapes_bench(*, model: str = "shapes", variants: Sequence[str] = ("flowg
     result["cpu"] = mon.report()
     summary = {}
     for name, r in runs.items():
-        g = 1.0 if name == "fast_nocfg" else e.guidance_scale
+        g = guidance[name]
         b = base[f"cfg{g:g}"]
         f = r["final"]
         if not f:
@@ -329,7 +334,8 @@ def run_shapes_bench(*, model: str = "shapes", variants: Sequence[str] = ("flowg
             "trained_diversity": round(f["gold"].get("diversity", 0.0), 4),
             "per_tag_base": {k: round(v, 3) for k, v in b["per_tag"].items()},
             "per_tag_trained": {k: round(v, 3) for k, v in f["per_tag"].items()},
-            "train_prompts_reward": [round(base["train_prompts"]["reward"], 4),
+            "guidance_scale": g,
+            "train_prompts_reward": [round(b["train_prompts"]["reward"], 4),
                                      round(f.get("train_prompts", {}).get("reward", float("nan")), 4)],
             "score_vs_cpu_s": [(0.0, round(b["overall"], 4))] + [(p["cpu_s"], round(p["overall"], 4))
                                                                  for p in r["curve"]],
