@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--clients", type=int, default=4, help="reward-server bench: concurrent clients")
     b.add_argument("--min-seconds", type=float, default=2.0, help="reward-server bench: time per measurement")
     b.add_argument("--max-wait-ms", type=float, default=2.0, help="reward-server bench: server batching wait")
-    b.add_argument("--preset", default="tiny_cpu", help="dag bench: the preset the local pipeline trains")
+    b.add_argument("--preset", default="shapes_cpu", help="dag bench: the preset the local pipeline trains (the demo's)")
     b.add_argument("--epochs", type=int, default=0, help="dag bench: epochs (0 = the preset's)")
     b.add_argument("--num-prompts", dest="num_prompts", type=int, default=0, help="eval bench: prompts (0 = default)")
     b.add_argument("--device", default="auto", help="eval bench: cpu | cuda | auto")

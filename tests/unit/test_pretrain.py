@@ -203,3 +203,17 @@ def test_settings_are_validated():
         P.PretrainSettings(tags=("nope",))
     with pytest.raises(ValueError, match="preset"):
         P.get_preset("nope")
+
+
+def test_cli_writes_a_loadable_model_and_prints_its_info(tmp_path, monkeypatch, capsys):
+    from flowgrpo.cli import main
+
+    monkeypatch.setitem(P.PRESETS, "micro", MICRO)
+    out = tmp_path / "base"
+    assert main(["pretrain-shapes", str(out), "--preset", "micro", "--seed", "3", "--steps", "5",
+                 "--budget-s", "0"]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert info["out_dir"] == str(out) and info["flow_steps_done"] == 5 and info["stopped_early"] is False
+    saved = P.read_info(out)
+    assert saved["settings"]["seed"] == 3 and saved["settings"]["steps"] == 5 and saved["budget_s"] is None
+    assert (out / "transformer").is_dir() and (out / "model_index.json").is_file()
