@@ -92,3 +92,19 @@ def test_failed_training_fails_the_run_and_still_tears_down(tmp_path):
     kept = [p.name for p in home_runs.iterdir()]
     assert kept and all(k.endswith(".logs") for k in kept)  # state gone, logs kept
     assert _run_processes(kept[0].removesuffix(".logs")) == []
+
+
+def test_the_preset_parameter_selects_the_model_family(tmp_path):
+    """FLUX through the same DAG and components: only the preset changes (its tiny offline base, the FLUX
+    adapter in training and evaluation, the family recorded on the MLflow run)."""
+    r = _run(tmp_path, "--preset", "tiny_flux_cpu", "--arg", "epochs=1", "--arg", "gate_min_improvement=-1", "--json")
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["model_name"] == "flowgrpo-tiny-flux" and summary["aliases"] == ["candidate"]
+    from flowgrpo import registry, storage
+
+    storage.verify(summary["final_uri"])
+    index = json.loads(Path(storage.local_path(summary["final_uri"]), "model_index.json").read_text())
+    assert index["_class_name"] == "FluxPipeline" and "transformer" in index
+    run = registry.client(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}").get_run(summary["mlflow_run_id"])
+    assert "eval/preset/avg" in run.data.metrics
