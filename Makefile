@@ -24,7 +24,7 @@ venv: $(STAMP)
 
 # the whole pipeline DAG on this machine (kfp.local): fetch -> reward server -> torchrun training -> eval ->
 # gated registration in MLflow (embedded sqlite); prints each task's wall time and the registered version.
-# The base model is the tiny SD3 pretrained on the shapes world (built once into ~/.cache/flowgrpo, ~15 min on
+# The base model is the tiny SD3 pretrained on the shapes world (built once into ~/.cache/flowgrpo, ~16 min on
 # 2 cores the first time); DEMO_PRESET=tiny_cpu runs the same DAG on a random tiny model in about a minute.
 DEMO_PRESET ?= shapes_cpu
 demo: $(STAMP)
