@@ -8,7 +8,7 @@ prints one line).
 * ``reward-server``: reward throughput through the HTTP reward server vs in-process (:mod:`.reward_server`).
 * ``eval``: images/s of the eval sampler and the share of eval time spent scoring (:mod:`flowgrpo.eval.bench`).
 * ``shapes``: held-out shapes-world score before / after a CPU budget of Flow-GRPO (:mod:`.shapes`).
-* ``dag``: the local pipeline DAG's overhead (everything but the train task) on the tiny demo (:mod:`.dag`).
+* ``dag``: the local pipeline DAG's overhead (everything but the train task) on the demo preset (:mod:`.dag`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from flowgrpo.bench.flops import count_flops, flop_counter, measure_matmul_peak
 
 
 def run_bench(args: Any) -> dict[str, Any]:
-    """Dispatch on ``args.what`` ('rollout' | 'train' | 'reward-server'); ``args`` is the CLI namespace."""
+    """Dispatch on ``args.what`` (rollout, train, reward-server, eval, shapes, dag); ``args`` is the CLI namespace."""
     import torch
 
     if args.what == "reward-server":
