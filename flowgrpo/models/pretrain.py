@@ -223,7 +223,7 @@ def grid_layout(row: dict[str, Any], size: int, rng: np.random.Generator, max_tr
     if n > g * g:
         raise ValueError(f"{n} objects do not fit a {g} x {g} grid")
     lo, hi = (max(S.MIN_SIDE, int(round(f * size))) for f in GRID_SIDE_FRAC)
-    cell, jit = size / g, GRID_JITTER_FRAC * size
+    jit = GRID_JITTER_FRAC * size
     for _ in range(max_tries):
         cells = [int(c) for c in rng.permutation(g * g)[:n]]
         for j, rel, k in rels:  # place clause j relative to (the first object of) clause k
@@ -238,17 +238,7 @@ def grid_layout(row: dict[str, Any], size: int, rng: np.random.Generator, max_tr
                 break
             cells[ia] = int(options[int(rng.integers(len(options)))])
         else:
-            placed = []
-            for (j, shape, color), cidx in zip(objs, cells):
-                r, c = divmod(cidx, g)
-                side = int(rng.integers(lo, hi + 1))
-                cx, cy = (c + 0.5) * cell + rng.uniform(-jit, jit), (r + 0.5) * cell + rng.uniform(-jit, jit)
-                x0 = int(np.clip(round(cx - side / 2), 1, size - side - 1))
-                y0 = int(np.clip(round(cy - side / 2), 1, size - side - 1))
-                cov = S.shape_coverage(shape, side, side) > 0
-                rows_, cols_ = np.flatnonzero(cov.any(1)), np.flatnonzero(cov.any(0))
-                box = (x0 + int(cols_[0]), y0 + int(rows_[0]), x0 + int(cols_[-1]) + 1, y0 + int(rows_[-1]) + 1)
-                placed.append(S.ShapeObject(shape, color, (x0, y0), side, box, j))
+            placed = _place_in_cells(objs, cells, size, (lo, hi), jit, rng)
             apart = all(a.box[2] + 2 <= b.box[0] or b.box[2] + 2 <= a.box[0] or
                         a.box[3] + 2 <= b.box[1] or b.box[3] + 2 <= a.box[1]
                         for a, b in itertools.combinations(placed, 2))
@@ -285,8 +275,19 @@ def canonical_layout(row: dict[str, Any], size: int, rng: np.random.Generator) -
         chosen = options[int(rng.integers(len(options)))]
         cells = [chosen[i] for i in rng.permutation(len(objs))]
     lo, hi = (max(S.MIN_SIDE, int(round(f * size))) for f in CANONICAL_SIDE_FRAC)
-    cell = size / GRID_CELLS
     jit = CANONICAL_JITTER_FRAC * size * (2 if len(objs) == 1 else 1)
+    return _place_in_cells(objs, cells, size, (lo, hi), jit, rng)
+
+
+def _place_in_cells(objs: Sequence[tuple[int, str, str]], cells: Sequence[int], size: int, sides: tuple[int, int],
+                    jit: float, rng: np.random.Generator) -> list[Any]:
+    """``ShapeObject`` s: object ``(clause, shape, colour)`` i centred in grid cell ``cells[i]`` (row-major, a
+    :data:`GRID_CELLS` square grid), side drawn from ``sides`` (inclusive), centre jittered by up to ``jit`` px,
+    kept 1 px inside the image; the box is the shape's tight pixel box."""
+    from flowgrpo.eval import shapes as S
+
+    lo, hi = sides
+    cell = size / GRID_CELLS
     placed = []
     for (j, shape, color), cidx in zip(objs, cells):
         r, c = divmod(cidx, GRID_CELLS)
