@@ -4,6 +4,7 @@
   flowgrpo validate --config configs/geneval_sd3.yaml [--world-size 32] [key=value ...]
   flowgrpo make-tiny-model DIR [--spec tiny|bench_cpu]
   flowgrpo pretrain-shapes DIR [--preset default|small] [--seed 0] [--budget-s 900]
+  flowgrpo make-edit-sources PROMPTS.jsonl IMAGE_ROOT --model T2I_MODEL [--family sd3] [--resolution 512]
   flowgrpo bench shapes [--cpu-budget-s 600] [--variants flowgrpo,fast_nocfg] [--guard]
   flowgrpo bench rollout|train [--model DIR] [--batch 8] [--steps 10] [--resolution 128] [--guidance 4.5]
   flowgrpo registry show|promote|rollback|register --model NAME [--version V] [--gate GATE.yaml] [--tracking-uri URI]
@@ -52,6 +53,31 @@ def _cmd_pretrain_shapes(args: argparse.Namespace) -> int:
     from flowgrpo.models.pretrain import cli_pretrain_shapes
 
     return cli_pretrain_shapes(args)
+
+
+def _cmd_make_edit_sources(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from flowgrpo.edit import generate_sources
+    from flowgrpo.eval.runner import EvalSettings, Sampler
+    from flowgrpo.prompts import load_prompts
+
+    prompts = load_prompts(args.prompts)  # before any model is loaded: a bad file fails first
+    settings = EvalSettings(num_steps=args.steps, guidance_scale=args.guidance, resolution=args.resolution,
+                            device=args.device, mixed_precision=args.mixed_precision,
+                            max_sequence_length=args.max_sequence_length)
+    sampler = Sampler.load(args.model, settings, family=args.family)
+    bar = tqdm(total=0, desc="sources", unit="img")
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    written = generate_sources(prompts, args.image_root, sampler, seed=args.seed, batch_size=args.batch,
+                               overwrite=args.overwrite, progress=progress)
+    bar.close()
+    print(json.dumps({"image_root": args.image_root, "written": len(written), "rows": len(prompts)}))
+    return 0
 
 
 def _cmd_serve_reward(args: argparse.Namespace) -> int:
@@ -159,6 +185,23 @@ def build_parser() -> argparse.ArgumentParser:
                     help="wall-time cap for both stages (<= 0: none; a capped run is marked stopped_early)")
     ps.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ps.set_defaults(fn=_cmd_pretrain_shapes)
+
+    es = sub.add_parser("make-edit-sources", help="generate the missing source images of an edit prompt set from "
+                        "its rows' t2i_prompt with a text-to-image model (deterministic ODE sampling)")
+    es.add_argument("prompts", help="edit prompt .jsonl (rows with 'image' and 't2i_prompt')")
+    es.add_argument("image_root", help="folder the rows' relative image paths are written under")
+    es.add_argument("--model", required=True, help="text-to-image model: local dir, s3://, hub id, tiny, shapes")
+    es.add_argument("--family", default="sd3", help="its model family (default sd3)")
+    es.add_argument("--resolution", type=int, default=512)
+    es.add_argument("--steps", type=int, default=28)
+    es.add_argument("--guidance", type=float, default=4.5)
+    es.add_argument("--seed", type=int, default=0)
+    es.add_argument("--batch", type=int, default=8)
+    es.add_argument("--device", default="auto")
+    es.add_argument("--mixed-precision", dest="mixed_precision", default="no")
+    es.add_argument("--max-sequence-length", dest="max_sequence_length", type=int, default=128)
+    es.add_argument("--overwrite", action="store_true", help="regenerate images that exist")
+    es.set_defaults(fn=_cmd_make_edit_sources)
 
     s = sub.add_parser("serve-reward", help="serve rewards over HTTP (POST /v1/score, /healthz, /readyz, /metrics)")
     s.add_argument("--reward", action="append", required=True, metavar="NAME", help="repeat for several rewards")

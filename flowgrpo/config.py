@@ -39,7 +39,7 @@ def _check(cond: bool, name: str, value: Any, allowed: str) -> None:
 
 SDE_TYPES = ("sde", "cps")
 PRECISIONS = ("no", "fp16", "bf16")
-FAMILIES = ("sd3", "flux")
+FAMILIES = ("sd3", "flux", "flux_kontext")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -77,6 +77,9 @@ class DataConfig:
     train_prompts: str = "builtin:animals"
     #: held-out prompts for periodic evaluation (same formats); empty = no prompt-based eval
     test_prompts: str = ""
+    #: folder that relative source-image paths of edit prompt rows ("image") are read from; empty = the prompt
+    #: file's folder (see flowgrpo.edit)
+    image_root: str = ""
 
     def __post_init__(self) -> None:
         _check(bool(self.train_prompts), "data.train_prompts", self.train_prompts, "a prompt file path or builtin:<name>")

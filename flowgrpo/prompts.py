@@ -39,8 +39,12 @@ def _builtin(name: str) -> PromptSet:
         from flowgrpo.eval.shapes import builtin_prompt_set
 
         return builtin_prompt_set(name[len("shapes_"):])
+    if name in ("shapes_edit_train", "shapes_edit_test"):  # counting edits of rendered scenes (flowgrpo.eval.shapes_edit)
+        from flowgrpo.eval.shapes_edit import builtin_edit_set
+
+        return builtin_edit_set(name[len("shapes_edit_"):])
     raise ValueError(f"unknown built-in prompt set {name!r}; available: ['animals', 'animals_test', 'shapes_train', "
-                     "'shapes_test']")
+                     "'shapes_test', 'shapes_edit_train', 'shapes_edit_test']")
 
 
 def load_prompts(spec: str) -> PromptSet:

@@ -35,12 +35,12 @@ from flowgrpo import checkpoint as ckpt
 from flowgrpo.advantages import group_advantages, keep_nonzero
 from flowgrpo.config import RunConfig, save_config
 from flowgrpo.distributed import draw_groups, read_env, seed_for
+from flowgrpo.edit import is_edit, load_prompt_set
 from flowgrpo.ema import EMA
 from flowgrpo.loss import grpo_loss
 from flowgrpo.metrics import JsonlLogger, MetricsLogger, MultiLogger
 from flowgrpo.models.base import ModelAdapter
 from flowgrpo.objectives import OFFLINE, best_of_group, dpo_loss, micro_batches, preference_pairs, sft_loss
-from flowgrpo.prompts import load_prompts
 from flowgrpo.rewards import WeightedReward
 from flowgrpo.rollout import PromptEncoder, Trajectory, rollout, to_uint8
 from flowgrpo.schedule import full_window, random_window
@@ -102,8 +102,11 @@ class GRPORecipe:
 
         self.tracker = None
         self._tracking_ok = env.is_main and preflight(cfg)
-        self.prompts = load_prompts(cfg.data.train_prompts)
-        self.test_prompts = load_prompts(cfg.data.test_prompts) if cfg.data.test_prompts else None
+        from flowgrpo.models.loading import ADAPTERS
+
+        d, self.edit = cfg.data, is_edit(ADAPTERS.get(cfg.model.family))  # edit models: every row has a source image
+        self.prompts = load_prompt_set(d.train_prompts, d.image_root, self.edit)
+        self.test_prompts = load_prompt_set(d.test_prompts, d.image_root, self.edit) if d.test_prompts else None
         self.reward_fn = WeightedReward(cfg.reward, options=cfg.reward_options)
 
         device = pick_device(cfg.device)
@@ -136,9 +139,10 @@ class GRPORecipe:
         self.model, self.optimizer = acc.prepare(self.adapter.transformer, optimizer)
         self.ema = EMA(self.params, t.ema_decay, t.ema_update_every) if t.ema else None
 
-        self.encoder = PromptEncoder(self.adapter)
+        self.encoder = PromptEncoder(self.adapter, cfg.sample.resolution)
         needs_negative = cfg.sample.cfg or cfg.eval.guidance_scale > 1
-        self.negative = self.adapter.encode_prompts([""]) if needs_negative else None
+        # edit models: the negative prompt is encoded with each row's source image (see _negative)
+        self.negative = self.adapter.encode_prompts([""]) if needs_negative and not self.edit else None
         self.sigmas = self.adapter.sigmas(cfg.sample.num_steps).to(acc.device)  # [T+1]
         self.executor = ThreadPoolExecutor(max_workers=t.reward_workers)
 
@@ -278,16 +282,17 @@ class GRPORecipe:
             draw = draw_groups(len(self.prompts), self.world, self.rank, s.batch_size, s.group_size, cfg.seed, it)
             prompts = [self.prompts.prompts[i] for i in draw.prompt_index.tolist()]
             meta = [self.prompts.metadata[i] for i in draw.prompt_index.tolist()]
-            cond = self.encoder(prompts)
+            cond = self.encoder(prompts, meta)
             if s.sde_window_size:
                 rng = random.Random(seed_for(cfg.seed, "window", it, self.rank))
                 window = random_window(s.num_steps, s.sde_window_size, *s.sde_window_range, rng)
             else:
                 window = full_window(s.num_steps, s.timestep_fraction)
             init_seeds = [seed_for(cfg.seed, "init", it, p) for p in prompts] if s.same_latent else None
+            negative = self._negative(meta, self.encoder, s.guidance_scale)
             with self._sampling_policy():
                 images, lat, lps, means = rollout(
-                    self.adapter, cond, self.negative, sigmas=self.sigmas, window=window,
+                    self.adapter, cond, negative, sigmas=self.sigmas, window=window,
                     guidance_scale=s.guidance_scale, noise_level=s.noise_level, sde_type=s.sde_type,
                     sample_seeds=draw.sample_seed.tolist(), init_seeds=init_seeds, resolution=s.resolution,
                     record_means=cfg.train.guard)
@@ -407,7 +412,7 @@ class GRPORecipe:
         x, x_next = mb.latents[:, k], mb.latents[:, k + 1]  # [M, C, H, W]
         idx = mb.step_index[:, k]  # [M]
         sig, sig_next = self.sigmas[idx], self.sigmas[idx + 1]  # [M]
-        neg = self._negative(len(mb))
+        neg = self._negative(mb.metadata, self.encoder, s.guidance_scale)
         if reference:
             with torch.no_grad(), self.adapter.reference():
                 v = self.adapter.velocity(x, sig, mb.cond, s.guidance_scale, neg)
@@ -450,12 +455,19 @@ class GRPORecipe:
             guard=t.guard, mean=out.mean, old_mean=None if mb.means is None else mb.means[:, k],
             std=out.std, dt=sig_next - sig)
 
-    def _negative(self, batch: int):
-        if self.negative is None or not self.cfg.sample.cfg:
+    def _negative(self, metadata: list[dict], encoder: PromptEncoder, guidance_scale: float):
+        """Negative-prompt rows for a batch sampled at ``guidance_scale``: the empty prompt, broadcast; for edit models
+        the empty prompt with each row's source image (through ``encoder``'s cache: once per source). None without
+        CFG (guidance <= 1, or distilled guidance such as FLUX's: ``adapter.needs_negative`` False)."""
+        if guidance_scale <= 1 or not getattr(self.adapter, "needs_negative", True):
+            return None
+        if self.edit:
+            return encoder([""] * len(metadata), metadata)
+        if self.negative is None:
             return None
         from flowgrpo.models.base import expand
 
-        return expand(self.negative, batch)
+        return expand(self.negative, len(metadata))
 
     # -------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -472,13 +484,16 @@ class GRPORecipe:
         scores: list[dict[str, float]] = []
         grid_images, grid_caps = [], []
         ctx = self.ema.swapped() if self.ema is not None else _null()
+        encoder = PromptEncoder(self.adapter, cfg.sample.resolution)
         with ctx:
             for start in tqdm(range(0, len(mine), e.batch_size), desc="eval", disable=not self.is_main, leave=False):
                 idx = mine[start : start + e.batch_size]
                 prompts = [ps.prompts[i] for i in idx]
                 meta = [ps.metadata[i] for i in idx]
-                cond = self.adapter.encode_prompts(prompts)
-                images, *_ = rollout(self.adapter, cond, self.negative, sigmas=sigmas, window=None,
+                encoder.clear()
+                cond = encoder(prompts, meta)
+                negative = self._negative(meta, encoder, e.guidance_scale)
+                images, *_ = rollout(self.adapter, cond, negative, sigmas=sigmas, window=None,
                                      guidance_scale=e.guidance_scale, noise_level=0.0, sde_type="sde",
                                      sample_seeds=[seed_for(cfg.seed, "eval", i) for i in idx],
                                      resolution=cfg.sample.resolution)

@@ -12,10 +12,11 @@ Randomness is per image (``sample_seeds``), so an image does not depend on its b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
+from flowgrpo.edit import SourceImages, is_edit, source_of
 from flowgrpo.models.base import Conditioning, ModelAdapter, expand, select
 from flowgrpo.schedule import StepWindow
 from flowgrpo.sde import ode_step, stochastic_step
@@ -80,21 +81,46 @@ class Trajectory:
 
 
 class PromptEncoder:
-    """Encodes each unique prompt once and caches the rows until :meth:`clear` (once per epoch)."""
+    """Encodes each unique prompt once and caches the rows until :meth:`clear` (once per epoch).
 
-    def __init__(self, adapter: ModelAdapter):
+    Edit adapters (``adapter.edit``, see :mod:`flowgrpo.edit`) condition on a source image too: then the cache key is
+    (prompt, source image path), ``metadata`` (one row per prompt, the source under ``"image"``) is required, and
+    the sources are loaded at ``resolution`` (the sample resolution) and passed as ``encode_prompts(prompts,
+    images)``."""
+
+    def __init__(self, adapter: ModelAdapter, resolution: int | None = None):
         self.adapter = adapter
-        self.cache: dict[str, Conditioning] = {}
+        self.cache: dict[Any, Conditioning] = {}
         self.calls = 0  # prompts actually encoded (for tests / benchmarks)
+        self.sources = None
+        if is_edit(adapter):
+            if resolution is None:
+                raise ValueError(f"{type(adapter).__name__} edits a source image: PromptEncoder needs the resolution")
+            self.sources = SourceImages(resolution)
 
-    def __call__(self, prompts: Sequence[str]) -> Conditioning:
-        new = list(dict.fromkeys(p for p in prompts if p not in self.cache))
-        if new:
-            enc = self.adapter.encode_prompts(new)
+    def __call__(self, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]] | None = None) -> Conditioning:
+        if self.sources is None:
+            keys: list[Any] = list(prompts)
+        else:
+            if metadata is None or len(metadata) != len(prompts):
+                raise ValueError(f"an edit model needs one metadata row (with the source image) per prompt; got "
+                                 f"{0 if metadata is None else len(metadata)} for {len(prompts)} prompts")
+            keys = [(p, source_of(md, f"metadata[{i}]")) for i, (p, md) in enumerate(zip(prompts, metadata))]
+        first = {}
+        for i, k in enumerate(keys):
+            if k not in self.cache:
+                first.setdefault(k, i)
+        if first:
+            new = list(first)
+            if self.sources is None:
+                enc = self.adapter.encode_prompts(new)
+            else:
+                rows = [metadata[first[k]] for k in new]
+                enc = self.adapter.encode_prompts([k[0] for k in new], images=self.sources(rows))
             self.calls += len(new)
-            for j, p in enumerate(new):
-                self.cache[p] = {k: v[j : j + 1] for k, v in enc.items()}
-        return {k: torch.cat([self.cache[p][k] for p in prompts]) for k in self.cache[prompts[0]]}
+            for j, k in enumerate(new):
+                self.cache[k] = {name: v[j : j + 1] for name, v in enc.items()}
+        return {name: torch.cat([self.cache[k][name] for k in keys]) for name in self.cache[keys[0]]}
 
     def clear(self) -> None:
         self.cache.clear()
@@ -167,5 +193,7 @@ def rollout(
 
 
 def to_uint8(images: torch.Tensor):
-    """fp32 [B, 3, H, W] in [0, 1] -> numpy uint8 [B, H, W, 3] (what rewards consume)."""
-    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    """fp32 images [B, 3, H, W] or videos [B, F, 3, H, W] in [0, 1] -> numpy uint8 [B, H, W, 3] or [B, F, H, W, 3]
+    (what rewards consume; :class:`~flowgrpo.rewards.WeightedReward` scores a video's frames)."""
+    u8 = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return u8.movedim(-3, -1).cpu().numpy()  # channels last

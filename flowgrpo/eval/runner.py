@@ -128,9 +128,15 @@ class Sampler:
     """Deterministic ODE sampling with one loaded model. ``calls`` / ``images`` / ``seconds`` count its work."""
 
     def __init__(self, adapter: Any, settings: EvalSettings):
+        from flowgrpo.edit import is_edit
+        from flowgrpo.rollout import PromptEncoder
+
         self.adapter = adapter
         self.settings = settings
-        self.negative = adapter.encode_prompts([""]) if settings.guidance_scale > 1 else None
+        self.edit = is_edit(adapter)  # edit models: each prompt row's source image is part of the conditioning
+        self.encoder = PromptEncoder(adapter, settings.resolution)
+        cfg = settings.guidance_scale > 1 and getattr(adapter, "needs_negative", True)
+        self.negative = adapter.encode_prompts([""]) if cfg and not self.edit else None
         if hasattr(adapter, "resolution"):  # resolution-dependent schedules (FLUX's dynamic shift)
             adapter.resolution = settings.resolution
         self.sigmas = adapter.sigmas(settings.num_steps)
@@ -152,21 +158,22 @@ class Sampler:
         adapter.transformer.eval()
         return cls(adapter, settings)
 
-    def __call__(self, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
-        """uint8 [B, H, W, 3]: image b from ``prompts[b]`` with initial noise seeded ``seeds[b]``."""
+    def __call__(self, prompts: Sequence[str], seeds: Sequence[int],
+                 metadata: Sequence[dict] | None = None) -> np.ndarray:
+        """uint8 [B, H, W, 3]: image b from ``prompts[b]`` (and, for edit models, the source image of
+        ``metadata[b]``) with initial noise seeded ``seeds[b]``."""
         import torch
 
-        from flowgrpo.models.base import select
         from flowgrpo.rollout import rollout, to_uint8
 
         t0 = time.perf_counter()
-        unique = list(dict.fromkeys(prompts))
+        self.encoder.clear()
         with torch.no_grad():
-            enc = self.adapter.encode_prompts(unique)
-            row = {p: i for i, p in enumerate(unique)}
-            index = torch.tensor([row[p] for p in prompts], dtype=torch.long)
-            cond = select(enc, index.to(next(iter(enc.values())).device))
-            images, *_ = rollout(self.adapter, cond, self.negative, sigmas=self.sigmas, window=None,
+            cond = self.encoder(prompts, metadata)  # each unique prompt (edit: prompt + source) once
+            negative = self.negative
+            if self.edit and self.settings.guidance_scale > 1 and getattr(self.adapter, "needs_negative", True):
+                negative = self.encoder([""] * len(prompts), metadata)
+            images, *_ = rollout(self.adapter, cond, negative, sigmas=self.sigmas, window=None,
                                  guidance_scale=self.settings.guidance_scale, noise_level=0.0, sde_type="sde",
                                  sample_seeds=[int(s) for s in seeds], resolution=self.settings.resolution)
             out = to_uint8(images)
@@ -527,7 +534,8 @@ class Evaluator:
             for pairs in batches:
                 seeds = [image_seed(s.seed, pi, ii) for pi, ii in pairs]
                 t0 = time.perf_counter()
-                images = sampler([suite.prompts.prompts[pi] for pi, _ in pairs], seeds)
+                images = sampler([suite.prompts.prompts[pi] for pi, _ in pairs], seeds,
+                                 [suite.prompts.metadata[pi] for pi, _ in pairs])
                 stats["sample_s"] += time.perf_counter() - t0
                 stats["sampled"] += len(pairs)
                 stats["batches"] += 1

@@ -98,12 +98,14 @@ class Suite:
 
 
 def dedupe(ps: PromptSet) -> PromptSet:
-    """The first occurrence of every prompt, in order (metadata of that occurrence)."""
-    seen: set[str] = set()
+    """The first occurrence of every prompt, in order (metadata of that occurrence); edit rows count as the same
+    only with the same source image."""
+    seen: set[tuple[str, str]] = set()
     prompts, meta = [], []
     for p, m in zip(ps.prompts, ps.metadata):
-        if p not in seen:
-            seen.add(p)
+        key = (p, str(m.get("image", "")))
+        if key not in seen:
+            seen.add(key)
             prompts.append(p)
             meta.append(m)
     return PromptSet(prompts, meta)
@@ -197,8 +199,12 @@ def build_suite(name: str, cfg: Any = None, data_root: str | os.PathLike | None 
     if name == "preset":
         if cfg is None:
             raise SuiteError("eval suite 'preset' needs the run config (--preset)")
+        from flowgrpo.edit import is_edit, load_prompt_set
+        from flowgrpo.models.loading import ADAPTERS
+
         spec = cfg.data.test_prompts or cfg.data.train_prompts
-        prompts, source = dedupe(load_prompts(spec)), spec
+        edit = is_edit(ADAPTERS.get(cfg.model.family))  # edit rows: source paths resolved (data.image_root)
+        prompts, source = dedupe(load_prompt_set(spec, cfg.data.image_root, edit)), spec
         rewards = dict(cfg.reward)
     elif name == "shapes":
         shapes = _shapes_module()

@@ -117,6 +117,8 @@ class FluxAdapter(DiffusersAdapterBase):
     """
 
     family = "flux"
+    #: the diffusers pipeline class :meth:`from_pretrained` loads
+    pipeline_class = "FluxPipeline"
     default_lora_targets = tuple(FLUX_LORA_TARGETS)
     text_encoder_names = ("text_encoder", "text_encoder_2")
 
@@ -166,17 +168,22 @@ class FluxAdapter(DiffusersAdapterBase):
         """Load a local diffusers-format FLUX directory. On CUDA with mixed precision the text encoders are loaded
         directly in the compute dtype (T5-XXL in fp32 would need ~19 GB), the transformer in ``transformer_dtype``
         (default fp32 master weights), the VAE in fp32."""
-        from diffusers import FluxPipeline
+        import diffusers
 
         dtype = compute_dtype(mixed_precision)
         torch_dtype: Any = torch.float32
         if dtype is not None and torch.device(device).type == "cuda":
             tdtype = kwargs.get("transformer_dtype", torch.float32)
             torch_dtype = {"transformer": tdtype, "vae": torch.float32, "default": dtype}
-        pipe = FluxPipeline.from_pretrained(str(path), **{dtype_kwarg(): torch_dtype})
+        pipe = getattr(diffusers, cls.pipeline_class).from_pretrained(str(path), **{dtype_kwarg(): torch_dtype})
         return cls(pipe, device=device, mixed_precision=mixed_precision, **kwargs)
 
     # ---------------------------------------------------------------------------------------------- geometry
+
+    @property
+    def needs_negative(self) -> bool:
+        """Whether guidance_scale > 1 uses a negative conditioning (true CFG only; distilled guidance does not)."""
+        return self.true_cfg
 
     @property
     def _multiple(self) -> int:
@@ -303,23 +310,33 @@ class FluxAdapter(DiffusersAdapterBase):
             g = self.embedded_guidance if self.true_cfg else float(guidance_scale)
             guidance = torch.full((n,), g, dtype=torch.float32, device=self.device)
         txt_ids = torch.zeros(c["prompt_embeds"].shape[1], 3, dtype=torch.float32, device=self.device)
+        tokens, ids = pack_latents(x), self._image_ids(h, w)  # [N, (H/2)(W/2), 4C], [(H/2)(W/2), 3]
+        n_img = tokens.shape[1]
+        extra = self._extra_tokens(c)
+        if extra is not None:  # e.g. Kontext's source image: more tokens after the noisy ones
+            tokens, ids = torch.cat([tokens, extra[0].to(tokens)], dim=1), torch.cat([ids, extra[1]], dim=0)
         net = self._network(model)
         with self._autocast():
             out = net(
-                hidden_states=pack_latents(x),  # [N, (H/2)(W/2), 4C]
+                hidden_states=tokens,
                 encoder_hidden_states=c["prompt_embeds"],
                 pooled_projections=c["pooled_prompt_embeds"],
                 timestep=s,
-                img_ids=self._image_ids(h, w),
+                img_ids=ids,
                 txt_ids=txt_ids,
                 guidance=guidance,
                 return_dict=False,
             )[0]
-        out = unpack_latents(out.float(), h, w)  # [N, C, H, W]
+        out = unpack_latents(out[:, :n_img].float(), h, w)  # [N, C, H, W]: the noisy tokens' velocity
         if not cfg:
             return out
         v_u, v_c = out.chunk(2)  # [B, ...] each
         return v_u + guidance_scale * (v_c - v_u)
+
+    def _extra_tokens(self, cond: Conditioning) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Conditioning tokens appended after the noisy image tokens, with their position ids ([N, M, 4C], [M, 3]);
+        None for text-to-image FLUX. The velocity is read on the noisy tokens only."""
+        return None
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,9 @@
 
 * ``tiny`` / ``tiny:<spec>``  - an offline tiny SD3 built once into the cache (:func:`tiny.cached_tiny_model`)
 * ``tiny-flux`` / ``tiny-flux:<spec>`` - an offline tiny FLUX (:func:`tiny_flux.cached_tiny_flux_model`)
+* ``tiny-flux-kontext`` - an offline tiny FLUX.1-Kontext pipeline (spec ``kontext``)
+* ``tiny-clip`` - an offline tiny random CLIP for the CLIP-based rewards
+  (:func:`flowgrpo.rewards.testing.cached_tiny_clip`)
 * ``shapes`` / ``shapes:<preset>`` - the tiny SD3 pretrained on the shapes world, trained once into the cache
   (:func:`pretrain.cached_shapes_model`; presets in :data:`pretrain.PRESETS`, ``shapes`` = ``shapes:default``;
   sample it with ``model.max_sequence_length=16``)
@@ -27,11 +30,12 @@ from urllib.parse import unquote, urlparse
 
 from .base import ModelAdapter
 from .flux import FluxAdapter
+from .flux_kontext import FluxKontextAdapter
 from .sd3 import SD3Adapter
 from .tiny import cached_tiny_model, default_cache_root
 
 #: family name -> adapter class (each has ``from_pretrained(path, device=, mixed_precision=, ...)``)
-ADAPTERS: dict[str, Any] = {"sd3": SD3Adapter, "flux": FluxAdapter}
+ADAPTERS: dict[str, Any] = {"sd3": SD3Adapter, "flux": FluxAdapter, "flux_kontext": FluxKontextAdapter}
 
 S3_MARKER = ".flowgrpo_download_complete"
 
@@ -118,6 +122,14 @@ def resolve_model_path(path: str, revision: str | None = None, cache_dir: str | 
     path = str(path)
     if path == "tiny" or path.startswith("tiny:"):
         return cached_tiny_model(path.partition(":")[2] or "tiny", cache_dir=_cache_root(cache_dir))
+    if path == "tiny-flux-kontext":
+        from .tiny_flux import cached_tiny_flux_model
+
+        return cached_tiny_flux_model("kontext", cache_dir=_cache_root(cache_dir))
+    if path == "tiny-clip":
+        from flowgrpo.rewards.testing import cached_tiny_clip
+
+        return cached_tiny_clip(cache_dir=_cache_root(cache_dir))
     if path == "tiny-flux" or path.startswith("tiny-flux:"):
         from .tiny_flux import cached_tiny_flux_model
 

@@ -78,6 +78,8 @@ class TinyFluxSpec:
     max_shift: float = 1.15
     base_image_seq_len: int = 256
     max_image_seq_len: int = 4096
+    #: the diffusers pipeline class: ``FluxKontextPipeline`` has the same components and edits a source image
+    pipeline: str = "FluxPipeline"
 
     @property
     def hidden(self) -> int:
@@ -91,7 +93,12 @@ class TinyFluxSpec:
 TINY_FLUX_SPECS: dict[str, TinyFluxSpec] = {
     # fast tests: 64 px (a 4 x 4 = 16 token image sequence), ~70k transformer params
     "tiny": TinyFluxSpec(name="tiny"),
+    # the same sizes as a FLUX.1-Kontext pipeline (``tiny-flux-kontext``; family flux_kontext)
+    "kontext": TinyFluxSpec(name="kontext", pipeline="FluxKontextPipeline"),
 }
+
+#: pipeline class -> model family written to the marker file
+_FAMILY = {"FluxPipeline": "flux", "FluxKontextPipeline": "flux_kontext"}
 
 
 def get_flux_spec(spec_name: str) -> TinyFluxSpec:
@@ -104,7 +111,8 @@ def get_flux_spec(spec_name: str) -> TinyFluxSpec:
 def build_tiny_flux_pipeline(spec_name: str = "tiny", seed: int = 0) -> "FluxPipeline":
     """A random-weight FLUX pipeline of spec ``spec_name``; weights are deterministic given ``seed`` (the global
     torch RNG is left untouched). Every component is in ``.eval()``."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    import diffusers
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     s = get_flux_spec(spec_name)
@@ -184,7 +192,7 @@ def build_tiny_flux_pipeline(spec_name: str = "tiny", seed: int = 0) -> "FluxPip
     )
     for m in (transformer, vae, text_encoder, text_encoder_2):
         m.eval()
-    return FluxPipeline(
+    return getattr(diffusers, s.pipeline)(
         scheduler=scheduler,
         vae=vae,
         text_encoder=text_encoder,
@@ -204,7 +212,7 @@ def make_tiny_flux_model(out_dir: str | os.PathLike, seed: int = 0, spec_name: s
     pipe = build_tiny_flux_pipeline(spec_name, seed)
     pipe.save_pretrained(out, safe_serialization=True)
     info = {
-        "family": "flux",
+        "family": _FAMILY[spec.pipeline],
         "spec": spec_name,
         "seed": seed,
         "code_version": TINY_FLUX_CODE_VERSION,
@@ -218,8 +226,11 @@ def make_tiny_flux_model(out_dir: str | os.PathLike, seed: int = 0, spec_name: s
 
 def tiny_flux_cache_key(spec_name: str = "tiny", seed: int = 0) -> str:
     """``flux-<spec>-<12 hex>``: hash of the spec's settings, the seed and :data:`TINY_FLUX_CODE_VERSION`."""
+    spec = dataclasses.asdict(get_flux_spec(spec_name))
+    if spec["pipeline"] == "FluxPipeline":  # the field came later: keep the text-to-image models' keys
+        del spec["pipeline"]
     payload = json.dumps(
-        {"family": "flux", "spec": dataclasses.asdict(get_flux_spec(spec_name)), "seed": seed,
+        {"family": "flux", "spec": spec, "seed": seed,
          "code": TINY_FLUX_CODE_VERSION},
         sort_keys=True,
     )

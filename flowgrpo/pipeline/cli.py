@@ -69,12 +69,12 @@ def parse_args_list(items: list[str] | None) -> dict[str, Any]:
 
 #: model paths that need no network (built or trained offline into the cache): a local run starts from the
 #: preset's own ``model.path`` when it is one of these, else from the random tiny model
-OFFLINE_MODELS = ("tiny", "tiny-flux", "shapes")
+OFFLINE_MODELS = ("tiny", "tiny-flux", "tiny-flux-kontext", "shapes")
 
 
 def offline_base_model(preset: str) -> str:
     """The base model a local run of ``preset`` fetches: the preset's ``model.path`` when it is an offline one
-    (``shapes`` for shapes_cpu, ``tiny-flux`` for tiny_flux_cpu), else ``tiny``."""
+    (``shapes`` for shapes_cpu, ``tiny-flux`` for tiny_flux_cpu, ...), else ``tiny``."""
     import yaml
 
     from flowgrpo.pipeline.params import resolve_preset

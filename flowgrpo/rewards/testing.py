@@ -93,6 +93,32 @@ def make_tiny_clip(out_dir: str | os.PathLike, seed: int = 0, image_size: int = 
     return out
 
 
+def cached_tiny_clip(cache_dir: str | os.PathLike | None = None, seed: int = 0) -> Path:
+    """The default tiny CLIP (``model: tiny-clip`` in reward options), saved once as ``<cache_dir>/clip-tiny-<seed>``
+    (default cache root: :func:`flowgrpo.models.tiny.default_cache_root`); built in a temp dir, then renamed."""
+    import shutil
+    import tempfile
+
+    from flowgrpo.models.tiny import default_cache_root
+
+    root = Path(cache_dir) if cache_dir is not None else default_cache_root()
+    final = root / f"clip-tiny-{seed}"
+    if (final / "flowgrpo_tiny_clip.json").is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    try:
+        make_tiny_clip(tmp, seed=seed)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process won the race
+            if not (final / "flowgrpo_tiny_clip.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
 def tiny_clip_projection_dim(model_dir: str | os.PathLike) -> int:
     """The embedding size of a saved CLIP (= the aesthetic head's input size)."""
     return int(json.loads((Path(model_dir) / "config.json").read_text())["projection_dim"])

@@ -78,7 +78,7 @@ class _FakeSampler:
         self.calls = 0
         self.images = 0
 
-    def __call__(self, prompts, seeds):
+    def __call__(self, prompts, seeds, metadata=None):
         from flowgrpo.eval.runner import image_seed
 
         self.calls += 1
