@@ -39,7 +39,9 @@ def _check(cond: bool, name: str, value: Any, allowed: str) -> None:
 
 SDE_TYPES = ("sde", "cps")
 PRECISIONS = ("no", "fp16", "bf16")
-FAMILIES = ("sd3", "flux", "flux_kontext")
+FAMILIES = ("sd3", "flux", "flux_kontext", "wan", "qwen_image", "qwen_image_edit")
+#: families whose samples are videos (latents [B, C, F, H, W]; model.num_frames applies)
+VIDEO_FAMILIES = ("wan",)
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -61,6 +63,8 @@ class ModelConfig:
     lora_targets: list[str] = field(default_factory=list)
     #: compute precision of the transformer forward (autocast); master weights stay fp32
     mixed_precision: str = "fp16"
+    #: video families (wan): frames per clip, 4k + 1; 0 = the model's default
+    num_frames: int = 0
 
     def __post_init__(self) -> None:
         _check(self.family in FAMILIES, "model.family", self.family, f"one of {FAMILIES}")
@@ -69,6 +73,11 @@ class ModelConfig:
         _check(self.lora_rank >= 1, "model.lora_rank", self.lora_rank, "an int >= 1")
         _check(self.lora_alpha > 0, "model.lora_alpha", self.lora_alpha, "a number > 0")
         _check(self.mixed_precision in PRECISIONS, "model.mixed_precision", self.mixed_precision, f"one of {PRECISIONS}")
+        if self.num_frames:
+            _check(self.family in VIDEO_FAMILIES, "model.num_frames", self.num_frames,
+                   f"0 for the image family {self.family!r} (frames apply to {VIDEO_FAMILIES})")
+            _check(self.num_frames >= 1 and (self.num_frames - 1) % 4 == 0, "model.num_frames", self.num_frames,
+                   "4k + 1 frames (1, 5, 9, ..., 33, 81): the video VAE compresses time 4x")
 
 
 @dataclass

@@ -40,9 +40,13 @@ class JsonlLogger:
             f.write(json.dumps({k: _plain(v) for k, v in metrics.items()}) + "\n")
 
     def log_images(self, key: str, images: np.ndarray, captions: Sequence[str], step: int) -> None:
+        """A captioned grid ``samples/<key>-<step>.png``; videos ([N, F, H, W, 3]) also get one GIF per sample,
+        ``samples/<key>-<step>-<i>.gif`` (the grid then shows first frames)."""
         out = self.dir / "samples"
         out.mkdir(exist_ok=True)
         image_grid(images, captions).save(out / f"{key}-{step:05d}.png")
+        if np.ndim(images) == 5:
+            save_gifs(images, out, f"{key}-{step:05d}")
 
     def close(self) -> None:
         pass
@@ -73,8 +77,23 @@ def _plain(v: Any) -> Any:
     return v
 
 
+def save_gifs(videos: np.ndarray, out_dir: str | Path, stem: str, fps: int = 8) -> list[Path]:
+    """uint8 videos [N, F, H, W, 3] -> ``<out_dir>/<stem>-<i>.gif`` (looping, ``fps`` frames per second) for each
+    sample; returns the paths."""
+    paths = []
+    for i, clip in enumerate(np.asarray(videos)):
+        frames = [Image.fromarray(f) for f in clip]  # F x [H, W, 3]
+        path = Path(out_dir) / f"{stem}-{i:02d}.gif"
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
+        paths.append(path)
+    return paths
+
+
 def image_grid(images: np.ndarray, captions: Sequence[str], cols: int = 4, caption_h: int = 14) -> Image.Image:
-    """uint8 [N, H, W, 3] -> one PIL grid with a caption strip under each tile."""
+    """uint8 [N, H, W, 3] -> one PIL grid with a caption strip under each tile (videos [N, F, H, W, 3]: first
+    frames)."""
+    if images.ndim == 5:
+        images = images[:, 0]
     n, h, w, _ = images.shape
     tile = max(w, 128)
     cols = min(cols, n)

@@ -129,6 +129,8 @@ class GRPORecipe:
             needs_reference=cfg.train.beta > 0 or cfg.train.objective in ("dpo", "online_dpo", "sft"))
         if hasattr(self.adapter, "resolution"):  # resolution-dependent schedules (FLUX's dynamic shift)
             self.adapter.resolution = cfg.sample.resolution
+        if m.num_frames:  # video families (validated in the config)
+            self.adapter.num_frames = m.num_frames
         if m.use_lora:  # empty lora_targets: the family's default attention projections
             targets = {"target_modules": m.lora_targets} if m.lora_targets else {}
             self.adapter.add_lora(m.lora_rank, m.lora_alpha, **targets)

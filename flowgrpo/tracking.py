@@ -344,7 +344,7 @@ class MlflowLogger:
         try:
             if images is None or len(images) == 0:
                 return
-            from flowgrpo.metrics import image_grid
+            from flowgrpo.metrics import image_grid, save_gifs
 
             name = f"{clean_key(key).replace('/', '_')}-{int(step):05d}"
             d = self._staging / f"{name}-{time.monotonic_ns()}"
@@ -352,8 +352,9 @@ class MlflowLogger:
             png, caps = d / f"{name}.png", d / f"{name}.json"
             image_grid(np.asarray(images), list(captions)).save(png)
             caps.write_text(json.dumps({"key": key, "step": int(step), "captions": list(captions)}, indent=1))
+            gifs = save_gifs(np.asarray(images), d, name) if np.ndim(images) == 5 else []  # videos: a GIF per sample
             self._submit(_Op(f"image grid samples/{png.name}",
-                             lambda: self._log_files([png, caps], "samples"), kind="artifact", files=[d]))
+                             lambda: self._log_files([png, caps, *gifs], "samples"), kind="artifact", files=[d]))
         except Exception as e:
             log.warning("tracking: could not log image grid %s/%s: %s", key, step, e)
 

@@ -35,6 +35,7 @@ def _make_recipe(args: Any, adapter: Any, negative: Any, beta: float):
     """A GRPORecipe holding just what ``step_loss`` reads (cfg, adapter, model, sigmas, negative)."""
     from flowgrpo.config import ModelConfig, RunConfig, SampleConfig, TrainConfig
     from flowgrpo.recipe import GRPORecipe
+    from flowgrpo.rollout import PromptEncoder
 
     batch = int(args.batch)
     cfg = RunConfig(
@@ -51,6 +52,8 @@ def _make_recipe(args: Any, adapter: Any, negative: Any, beta: float):
     recipe.model = adapter.transformer
     recipe.sigmas = adapter.sigmas(cfg.sample.num_steps)
     recipe.negative = negative
+    recipe.edit = False  # text-to-image: the negative prompt is the one encoded above
+    recipe.encoder = PromptEncoder(adapter)
     return recipe
 
 

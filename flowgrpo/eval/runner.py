@@ -72,6 +72,8 @@ class EvalSettings:
     #: torch intra-op threads while sampling and scoring (0 = leave torch's setting); 1 suits tiny CPU models,
     #: whose ops are too small to split and which OpenMP slows down badly on a busy machine
     threads: int = 0
+    #: video families: frames per clip (0 = the model's default)
+    num_frames: int = 0
 
     @classmethod
     def from_config(cls, cfg: Any, **changes: Any) -> EvalSettings:
@@ -79,7 +81,7 @@ class EvalSettings:
         s = cls(num_steps=e.num_steps, guidance_scale=e.guidance_scale, resolution=cfg.sample.resolution,
                 batch_size=e.batch_size, num_prompts=e.num_prompts, seed=cfg.seed,
                 device="cpu" if cfg.device == "cpu" else "auto", mixed_precision=cfg.model.mixed_precision,
-                max_sequence_length=cfg.model.max_sequence_length)
+                max_sequence_length=cfg.model.max_sequence_length, num_frames=cfg.model.num_frames)
         for k, v in changes.items():
             if v is not None:
                 setattr(s, k, v)
@@ -97,7 +99,7 @@ class EvalSettings:
         return {"num_steps": self.num_steps, "guidance_scale": float(self.guidance_scale),
                 "resolution": self.resolution, "batch_size": self.batch_size, "seed": self.seed,
                 "mixed_precision": self.mixed_precision, "max_sequence_length": self.max_sequence_length,
-                "device_type": self.device_type()}
+                "device_type": self.device_type(), **({"num_frames": self.num_frames} if self.num_frames else {})}
 
 
 @dataclass
@@ -139,6 +141,8 @@ class Sampler:
         self.negative = adapter.encode_prompts([""]) if cfg and not self.edit else None
         if hasattr(adapter, "resolution"):  # resolution-dependent schedules (FLUX's dynamic shift)
             adapter.resolution = settings.resolution
+        if settings.num_frames:
+            adapter.num_frames = settings.num_frames
         self.sigmas = adapter.sigmas(settings.num_steps)
         self.calls = 0
         self.images = 0
@@ -206,13 +210,21 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def encode_image(image: np.ndarray, thumb_size: int) -> tuple[bytes, str]:
     """(bytes, extension) of what is stored per image: a JPEG thumbnail (longest side ``thumb_size``), or the
-    full-size PNG when ``thumb_size`` is 0."""
+    full-size PNG when ``thumb_size`` is 0. A video clip ([F, H, W, 3]) is stored as a looping GIF (8 fps) of its
+    thumbnailed frames."""
     import io
 
     from PIL import Image
 
-    im = Image.fromarray(np.asarray(image, dtype=np.uint8))
     buf = io.BytesIO()
+    if np.ndim(image) == 4:
+        frames = [Image.fromarray(np.asarray(f, dtype=np.uint8)) for f in image]
+        for f in frames:
+            if thumb_size and thumb_size > 0 and max(f.size) > thumb_size:
+                f.thumbnail((thumb_size, thumb_size), Image.BICUBIC)
+        frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=125, loop=0)
+        return buf.getvalue(), "gif"
+    im = Image.fromarray(np.asarray(image, dtype=np.uint8))
     if thumb_size and thumb_size > 0:
         if max(im.size) > thumb_size:
             im.thumbnail((thumb_size, thumb_size), Image.BICUBIC)
@@ -458,11 +470,19 @@ class Evaluator:
                images: np.ndarray, prompts: list[str], meta: list[dict]) -> tuple[dict, dict]:
         """name -> scores [B] and name -> details [B] of the usable rewards; an optional reward failing on its
         first call here is skipped (reason recorded), any later failure raises."""
+        from flowgrpo.rewards.base import RewardOutput
+        from flowgrpo.rewards.video import frames_as_images, is_video, mean_per_clip
+
         scores: dict[str, np.ndarray] = {}
         details: dict[str, list[dict]] = {}
         for name, reward in list(rewards.items()):
             try:
-                out = reward(images, prompts, meta)
+                if is_video(images):  # clips: every frame scored as an image, the mean per clip
+                    frames, f_prompts, f_meta, n_frames = frames_as_images(images, prompts, meta)
+                    out = reward(frames, f_prompts, f_meta)
+                    out = RewardOutput(mean_per_clip(out.scores, n_frames), [{} for _ in range(len(images))])
+                else:
+                    out = reward(images, prompts, meta)
                 sc = np.asarray(out.scores, dtype=np.float64).reshape(-1)
                 if sc.shape != (len(images),):
                     raise ValueError(f"returned {sc.shape[0]} scores for {len(images)} images")

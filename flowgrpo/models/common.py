@@ -221,8 +221,9 @@ class DiffusersAdapterBase:
     @torch.no_grad()
     def _merged_transformer(self) -> torch.nn.Module:
         """A plain transformer (same class and config) whose weights are base + LoRA delta. Built on the meta device
-        and filled with ``assign=True``: unmerged tensors are shared with ``self.transformer`` (no copy), only the
-        targeted weights are new (in the base weight's dtype); ``self.transformer`` is not modified."""
+        and filled with ``assign=True``: unmerged tensors (and non-persistent buffers) are shared with
+        ``self.transformer`` (no copy), only the targeted weights are new (in the base weight's dtype);
+        ``self.transformer`` is not modified."""
         from peft.tuners.lora import LoraLayer
 
         base = self.transformer
@@ -241,6 +242,11 @@ class DiffusersAdapterBase:
         with torch.device("meta"):
             merged = type(base).from_config(base.config)
         merged.load_state_dict(state, strict=True, assign=True)
+        for name, buf in base.named_buffers():  # non-persistent buffers (e.g. Wan's rotary tables) are not in
+            owner, _, leaf = name.replace(".base_layer.", ".").rpartition(".")  # state_dict: share the base's
+            module = merged.get_submodule(owner)
+            if getattr(module, leaf) is not None and getattr(module, leaf).is_meta:
+                module.register_buffer(leaf, buf, persistent=False)
         leftover = [n for n, t in [*merged.named_parameters(), *merged.named_buffers()] if t.is_meta]
         if leftover:
             raise RuntimeError(f"merged transformer has unfilled tensors: {leftover[:5]}")

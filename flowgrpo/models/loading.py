@@ -5,6 +5,9 @@
 * ``tiny`` / ``tiny:<spec>``  - an offline tiny SD3 built once into the cache (:func:`tiny.cached_tiny_model`)
 * ``tiny-flux`` / ``tiny-flux:<spec>`` - an offline tiny FLUX (:func:`tiny_flux.cached_tiny_flux_model`)
 * ``tiny-flux-kontext`` - an offline tiny FLUX.1-Kontext pipeline (spec ``kontext``)
+* ``tiny-wan`` / ``tiny-wan:<spec>`` - an offline tiny Wan2.1 text-to-video (:func:`tiny_wan.cached_tiny_wan_model`)
+* ``tiny-qwen-image`` / ``tiny-qwen-image:<spec>`` - an offline tiny Qwen-Image
+  (:func:`tiny_qwen_image.cached_tiny_qwen_image_model`); ``tiny-qwen-image-edit`` - its Qwen-Image-Edit pipeline
 * ``tiny-clip`` - an offline tiny random CLIP for the CLIP-based rewards
   (:func:`flowgrpo.rewards.testing.cached_tiny_clip`)
 * ``shapes`` / ``shapes:<preset>`` - the tiny SD3 pretrained on the shapes world, trained once into the cache
@@ -31,11 +34,15 @@ from urllib.parse import unquote, urlparse
 from .base import ModelAdapter
 from .flux import FluxAdapter
 from .flux_kontext import FluxKontextAdapter
+from .qwen_image import QwenImageAdapter, QwenImageEditAdapter
 from .sd3 import SD3Adapter
 from .tiny import cached_tiny_model, default_cache_root
+from .wan import WanAdapter
 
 #: family name -> adapter class (each has ``from_pretrained(path, device=, mixed_precision=, ...)``)
-ADAPTERS: dict[str, Any] = {"sd3": SD3Adapter, "flux": FluxAdapter, "flux_kontext": FluxKontextAdapter}
+ADAPTERS: dict[str, Any] = {"sd3": SD3Adapter, "flux": FluxAdapter, "flux_kontext": FluxKontextAdapter,
+                            "wan": WanAdapter,
+                            "qwen_image": QwenImageAdapter, "qwen_image_edit": QwenImageEditAdapter}
 
 S3_MARKER = ".flowgrpo_download_complete"
 
@@ -130,10 +137,19 @@ def resolve_model_path(path: str, revision: str | None = None, cache_dir: str | 
         from flowgrpo.rewards.testing import cached_tiny_clip
 
         return cached_tiny_clip(cache_dir=_cache_root(cache_dir))
+    if path in ("tiny-qwen-image", "tiny-qwen-image-edit") or path.startswith("tiny-qwen-image:"):
+        from .tiny_qwen_image import cached_tiny_qwen_image_model
+
+        spec = "tiny-edit" if path == "tiny-qwen-image-edit" else (path.partition(":")[2] or "tiny")
+        return cached_tiny_qwen_image_model(spec, cache_dir=_cache_root(cache_dir))
     if path == "tiny-flux" or path.startswith("tiny-flux:"):
         from .tiny_flux import cached_tiny_flux_model
 
         return cached_tiny_flux_model(path.partition(":")[2] or "tiny", cache_dir=_cache_root(cache_dir))
+    if path == "tiny-wan" or path.startswith("tiny-wan:"):
+        from .tiny_wan import cached_tiny_wan_model
+
+        return cached_tiny_wan_model(path.partition(":")[2] or "tiny", cache_dir=_cache_root(cache_dir))
     if path == "shapes" or path.startswith("shapes:"):
         from .pretrain import cached_shapes_model  # lazy: pretraining pulls in the shapes world
 

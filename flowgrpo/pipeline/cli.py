@@ -69,7 +69,8 @@ def parse_args_list(items: list[str] | None) -> dict[str, Any]:
 
 #: model paths that need no network (built or trained offline into the cache): a local run starts from the
 #: preset's own ``model.path`` when it is one of these, else from the random tiny model
-OFFLINE_MODELS = ("tiny", "tiny-flux", "tiny-flux-kontext", "shapes")
+OFFLINE_MODELS = ("tiny", "tiny-flux", "tiny-flux-kontext", "tiny-qwen-image", "tiny-qwen-image-edit", "tiny-wan",
+                  "shapes")
 
 
 def offline_base_model(preset: str) -> str:

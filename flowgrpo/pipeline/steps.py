@@ -114,6 +114,7 @@ def prepare_training(*, run_id: str, preset: str, reward_weights: str, epochs: i
     """The resolved RunConfig of the run (model from the fetch step, rewards through the deployed servers,
     checkpoints and final weights in storage), published at ``<run root>/config.yaml``. Returns (cfg, uri)."""
     from flowgrpo.config import RunConfig, _build
+    from flowgrpo.rewards.remote import client_options
     from flowgrpo.tracking import resolve_tracking_uri
 
     cfg = build_run_config(preset, reward_weights, epochs, overrides, world_size)
@@ -125,8 +126,8 @@ def prepare_training(*, run_id: str, preset: str, reward_weights: str, epochs: i
                        "final_uri": str(storage.join(root, "final"))}
     opts = tree["reward_options"]
     for name, url in reward_endpoints.items():
-        if name in tree["reward"]:
-            opts.setdefault(name, {})["url"] = url
+        if name in tree["reward"]:  # the model's options went to the server; the trainer keeps the client's
+            opts[name] = {**client_options(opts.get(name, {})), "url": url}
     tree["tracking"].update(enabled=True, tracking_uri=resolve_tracking_uri(tracking_uri), experiment=experiment,
                             run_name=tree["tracking"]["run_name"] or f"kfp-{run_id[:8]}")
     cfg = _build(RunConfig, tree)

@@ -134,7 +134,14 @@ class WeightedReward:
         self.rewards = rewards if rewards is not None else {n: build_reward(n, **opts.get(n, {})) for n in weights}
 
     def __call__(self, images: np.ndarray, prompts: Sequence[str], metadata: Sequence[dict]) -> dict[str, np.ndarray]:
-        """-> {"avg": [N] weighted sum, "<name>": [N] raw scores per component}."""
+        """-> {"avg": [N] weighted sum, "<name>": [N] raw scores per component}. Videos (5-D, [N, F, H, W, 3]): every
+        frame is scored as an image and each score is averaged per clip (:mod:`flowgrpo.rewards.video`)."""
+        from flowgrpo.rewards.video import frames_as_images, is_video, mean_per_clip
+
+        if is_video(images):
+            frames, frame_prompts, frame_metadata, num_frames = frames_as_images(images, prompts, metadata)
+            per_frame = self(frames, frame_prompts, frame_metadata)
+            return {name: mean_per_clip(scores, num_frames) for name, scores in per_frame.items()}
         images = as_uint8(images)
         out: dict[str, np.ndarray] = {}
         total = np.zeros(len(images), dtype=np.float64)

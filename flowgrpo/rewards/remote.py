@@ -120,6 +120,15 @@ def _server_message(r: Any) -> str:
     return text[:300] if text else "(empty body)"
 
 
+def client_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The entries of a reward's options that configure the HTTP client (:class:`RemoteReward`'s keyword arguments,
+    e.g. ``timeout_s``); the rest (``model``, ``device``, ...) configure the reward model on its server."""
+    import inspect
+
+    accepted = set(inspect.signature(RemoteReward.__init__).parameters) - {"self", "name"}
+    return {k: v for k, v in options.items() if k in accepted}
+
+
 class RemoteReward:
     """Reward ``name`` scored by the reward server at ``url`` (base URL or the full ``.../v1/score``)."""
 

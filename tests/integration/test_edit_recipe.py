@@ -1,4 +1,4 @@
-"""The one recipe on an edit model (tiny FLUX.1-Kontext): sources flow from the prompt rows into the conditioning and
+"""The one recipe on edit models (tiny FLUX.1-Kontext, tiny Qwen-Image-Edit): sources flow from the prompt rows into the conditioning and
 the rewards, on-policy invariants with distilled guidance and with true CFG (negative rows with their sources), and
 ``flowgrpo train`` on upstream's counting_edit rows whose sources ``flowgrpo make-edit-sources`` generated."""
 
@@ -17,6 +17,7 @@ from flowgrpo.recipe import GRPORecipe
 
 REPO = Path(__file__).resolve().parents[2]
 PRESET = REPO / "configs" / "tiny_flux_kontext_cpu.yaml"
+QWEN_PRESET = REPO / "configs" / "tiny_qwen_image_edit_cpu.yaml"
 COUNTING_EDIT = REPO.parent / "shared" / "data" / "prompts" / "counting_edit"
 
 
@@ -27,37 +28,40 @@ def kontext_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def edit_cfg(kontext_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("FLOWGRPO_CACHE", str(tmp_path / "cache"))  # shapes_edit sources + tiny CLIP built here
+    monkeypatch.setenv("FLOWGRPO_CACHE", str(tmp_path / "cache"))  # shapes_edit sources + tiny models built here
 
-    def make(*overrides: str):
-        return load_config(PRESET, [f"model.path={kontext_dir}", f"output_dir={tmp_path / 'run'}", "eval.every=0",
+    def make(preset: Path, *overrides: str):
+        model = [f"model.path={kontext_dir}"] if preset == PRESET else []  # Qwen: its tiny model, built in the cache
+        return load_config(preset, [*model, f"output_dir={tmp_path / 'run'}", "eval.every=0",
                                     "tracking.enabled=false", *overrides])
 
     return make
 
 
-@pytest.mark.parametrize("true_cfg", [False, True], ids=["distilled", "true_cfg"])
-def test_on_policy_edit_update(edit_cfg, true_cfg: bool) -> None:
-    cfg = edit_cfg("sample.num_batches_per_epoch=1", "train.shuffle=false", "train.filter_zero_std=false",
+@pytest.mark.parametrize("preset,true_cfg", [(PRESET, False), (PRESET, True), (QWEN_PRESET, True)],
+                         ids=["kontext-distilled", "kontext-true_cfg", "qwen_image_edit-true_cfg"])
+def test_on_policy_edit_update(edit_cfg, preset: Path, true_cfg: bool) -> None:
+    cfg = edit_cfg(preset, "sample.num_batches_per_epoch=1", "train.shuffle=false", "train.filter_zero_std=false",
                    "train.beta=0.04", "train.epochs=1", *(["sample.guidance_scale=4.0"] if true_cfg else []))
     r = GRPORecipe(cfg, resume="never")
     r.setup()
     try:
-        assert isinstance(r.adapter, FluxKontextAdapter) and r.edit and r.negative is None
-        r.adapter.true_cfg = true_cfg
+        assert r.edit and r.adapter.edit and r.negative is None
+        if isinstance(r.adapter, FluxKontextAdapter):
+            r.adapter.true_cfg = true_cfg
         rows: list[int] = []
         h = r.adapter.transformer.register_forward_hook(
-            lambda m, a, kw, out: rows.append(kw["hidden_states"].shape[:2]), with_kwargs=True)
+            lambda m, a, kw, out: rows.append(kw["hidden_states"].shape[0]), with_kwargs=True)
         try:
             samples = r.sample_epoch(0)
         finally:
             h.remove()
         b = cfg.sample.batch_size
-        assert set(rows) == {(2 * b if true_cfg else b, 32)}  # 16 noisy + 16 source tokens per row
+        assert set(rows) == {2 * b if true_cfg else b}  # true CFG: one call on [negative; positive]
         traj = samples.traj
         # every row's conditioning carries the latents of its own source image
-        sources = r.encoder.sources(traj.metadata)
-        torch.testing.assert_close(traj.cond["image_latents"], r.adapter.encode_images(sources))
+        expected = r.adapter.encode_prompts(traj.prompts, images=r.encoder.sources(traj.metadata))
+        torch.testing.assert_close(traj.cond["image_latents"], expected["image_latents"])
         n_pairs = len({(p, m["image"]) for p, m in zip(traj.prompts, traj.metadata)})
         n_sources = len({m["image"] for m in traj.metadata})
         assert r.encoder.calls == n_pairs + (n_sources if true_cfg else 0)  # once per pair (+ "" per source)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -94,17 +95,27 @@ def test_failed_training_fails_the_run_and_still_tears_down(tmp_path):
     assert _run_processes(kept[0].removesuffix(".logs")) == []
 
 
-def test_the_preset_parameter_selects_the_model_family(tmp_path):
-    """FLUX through the same DAG and components: only the preset changes (its tiny offline base, the FLUX
-    adapter in training and evaluation, the family recorded on the MLflow run)."""
-    r = _run(tmp_path, "--preset", "tiny_flux_cpu", "--arg", "epochs=1", "--arg", "gate_min_improvement=-1", "--json")
+@pytest.mark.parametrize("preset,base,pipeline_class", [
+    ("tiny_flux_cpu", "tiny-flux", "FluxPipeline"),
+    # an edit model: source images in the prompt rows, a consistency reward served by a reward server
+    ("tiny_flux_kontext_cpu", "tiny-flux-kontext", "FluxKontextPipeline"),
+    # video: clips scored frame by frame in training and evaluation, GIFs in the report
+    ("tiny_wan_cpu", "tiny-wan", "WanPipeline"),
+])
+def test_the_preset_parameter_selects_the_model_family(tmp_path, preset, base, pipeline_class):
+    """FLUX / FLUX.1-Kontext through the same DAG and components: only the preset changes (its tiny offline base,
+    the family's adapter in training and evaluation, the family recorded on the MLflow run)."""
+    r = _run(tmp_path, "--preset", preset, "--arg", "epochs=1", "--arg", "gate_min_improvement=-1", "--json")
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
-    assert summary["model_name"] == "flowgrpo-tiny-flux" and summary["aliases"] == ["candidate"]
+    assert summary["model_name"] == f"flowgrpo-{base}" and summary["aliases"] == ["candidate"]
     from flowgrpo import registry, storage
 
     storage.verify(summary["final_uri"])
     index = json.loads(Path(storage.local_path(summary["final_uri"]), "model_index.json").read_text())
-    assert index["_class_name"] == "FluxPipeline" and "transformer" in index
+    assert index["_class_name"] == pipeline_class and "transformer" in index
     run = registry.client(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}").get_run(summary["mlflow_run_id"])
     assert "eval/preset/avg" in run.data.metrics
+    if pipeline_class == "WanPipeline":  # evaluation stores each clip as an animated GIF
+        gifs = list((tmp_path / "home").rglob("images/p*_i0.gif"))
+        assert gifs and Image.open(gifs[0]).n_frames == 5

@@ -78,6 +78,10 @@ def test_cli_refuses_bad_input_before_contacting_anything(capsys):
     ("tiny_cpu", "tiny", "flowgrpo-tiny"),
     ("shapes_cpu", "shapes", "flowgrpo-shapes"),  # what `make demo` runs: the pretrained shapes base
     ("tiny_flux_cpu", "tiny-flux", "flowgrpo-tiny-flux"),
+    ("tiny_flux_kontext_cpu", "tiny-flux-kontext", "flowgrpo-tiny-flux-kontext"),
+    ("tiny_qwen_image_cpu", "tiny-qwen-image", "flowgrpo-tiny-qwen-image"),
+    ("tiny_qwen_image_edit_cpu", "tiny-qwen-image-edit", "flowgrpo-tiny-qwen-image-edit"),
+    ("tiny_wan_cpu", "tiny-wan", "flowgrpo-tiny-wan"),
     ("geneval_sd3", "tiny", "flowgrpo-tiny"),  # a hub model cannot be fetched offline: the random tiny model
 ])
 def test_local_runs_start_from_the_presets_offline_base_model(tmp_path, preset, base, name):
@@ -88,3 +92,20 @@ def test_local_runs_start_from_the_presets_offline_base_model(tmp_path, preset, 
     assert local_arguments(preset, tmp_path, {"base_model": "/models/x"})["base_model"] == "/models/x"
     if preset.endswith("_cpu"):  # the paper presets need their cluster's world size
         validate_arguments({k: v for k, v in args.items() if k != "tracking_uri"})
+
+
+def test_the_trainer_reaches_deployed_rewards_with_client_options_only(tmp_path):
+    """A deployed reward's model options (model, device) went to its server: the trainer's options for it are the
+    HTTP client's (url + client settings such as timeout_s), else building the client would fail."""
+    from flowgrpo.pipeline.steps import prepare_training
+    from flowgrpo.rewards.base import build_reward
+
+    url = "http://127.0.0.1:9/"
+    cfg, _ = prepare_training(run_id="r1", preset="tiny_flux_kontext_cpu", reward_weights="", epochs=1,
+                              overrides="reward_options.image_similarity.timeout_s=7", model_uri="/models/x",
+                              reward_endpoints={"image_similarity": url}, storage_root=str(tmp_path / "store"),
+                              world_size=1, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="e",
+                              work_dir=str(tmp_path / "work"))
+    assert cfg.reward_options["image_similarity"] == {"url": url, "timeout_s": 7}
+    client = build_reward("image_similarity", **cfg.reward_options["image_similarity"])
+    assert client.url == "http://127.0.0.1:9/v1/score"

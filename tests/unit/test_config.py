@@ -74,7 +74,18 @@ INVALID = [
     (["sample.timestep_fraction=1.5"], "sample.timestep_fraction"),
     (["model.family=sdxl"], "model.family"),
     (["device=tpu"], "device"),
+    (["model.num_frames=9"], "model.num_frames"),  # tiny_cpu is an image family
 ]
+
+
+@pytest.mark.parametrize("frames,ok", [(9, True), (33, True), (8, False), (-3, False)])
+def test_num_frames_is_4k_plus_1_for_video_families(frames, ok):
+    preset = CONFIGS[0].parent / "tiny_wan_cpu.yaml"
+    if ok:
+        assert load_config(preset, [f"model.num_frames={frames}"]).model.num_frames == frames
+    else:
+        with pytest.raises(ConfigError, match=r"model\.num_frames.*4k \+ 1"):
+            load_config(preset, [f"model.num_frames={frames}"])
 
 
 @pytest.mark.parametrize("overrides,field", INVALID, ids=[f for _, f in INVALID])
