@@ -105,10 +105,93 @@ def dynamic_shift_mu(image_seq_len: int, scheduler_config: Any) -> float:
     return y0 + (image_seq_len - x0) * (y1 - y0) / (x1 - x0)
 
 
+class PackedGeometry:
+    """Square images as 2x2-packed latent tokens, with a sigma shift that depends on the token count (FLUX's
+    ``use_dynamic_shifting``; Qwen-Image uses the same convention). Needs ``pipe`` (VAE + scheduler),
+    ``vae_scale_factor``, ``latent_channels`` and :attr:`display_name`; call :meth:`_init_geometry` in the constructor.
+
+    The protocol's ``sigmas(num_steps)`` is a function of the step count only, so the adapter holds the image size it
+    samples at in :attr:`resolution` (settable; the recipe sets it to ``sample.resolution``); ``latent_shape`` warns
+    when asked for another size."""
+
+    #: the family's name in messages
+    display_name = "FLUX"
+
+    def _init_geometry(self, resolution: int) -> None:
+        self._sigmas: dict[tuple[int, int], torch.Tensor] = {}
+        self._warned: set[int] = set()
+        self._resolution = 0
+        self.resolution = int(resolution)
+
+    @property
+    def _multiple(self) -> int:
+        return self.vae_scale_factor * 2  # VAE downsampling x 2x2 packing
+
+    @property
+    def resolution(self) -> int:
+        """Square image size (pixels) the sigma schedule is computed for (the shift depends on it)."""
+        return self._resolution
+
+    @resolution.setter
+    def resolution(self, value: int) -> None:
+        value = int(value)
+        self._check_resolution(value)
+        self._resolution = value
+
+    def _check_resolution(self, resolution: int) -> None:
+        if resolution <= 0 or resolution % self._multiple:
+            raise ValueError(f"resolution {resolution} must be a positive multiple of {self._multiple} for "
+                             f"{self.display_name} (VAE factor {self.vae_scale_factor} x 2x2 packing)")
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        """Unpacked (C, res/8, res/8) (C = 16 for FLUX.1 and Qwen-Image); ``resolution`` must be a multiple of 16."""
+        self._check_resolution(resolution)
+        if resolution != self._resolution and resolution not in self._warned and self._dynamic_shift:
+            self._warned.add(resolution)
+            warnings.warn(
+                f"{self.display_name} sigmas are computed for resolution {self._resolution} but latents are "
+                f"requested for {resolution}: set adapter.resolution = {resolution} before calling sigmas() to get "
+                "the resolution-dependent shift for that size", stacklevel=2)
+        side = resolution // self.vae_scale_factor
+        return (self.latent_channels, side, side)
+
+    def image_seq_len(self, resolution: int | None = None) -> int:
+        """Number of packed image tokens of a square image (default: :attr:`resolution`)."""
+        res = self._resolution if resolution is None else int(resolution)
+        return (res // self._multiple) ** 2
+
+    def mu(self, resolution: int | None = None) -> float:
+        """The dynamic shift for a square image (default: :attr:`resolution`)."""
+        return dynamic_shift_mu(self.image_seq_len(resolution), self.pipe.scheduler.config)
+
+    @property
+    def _dynamic_shift(self) -> bool:
+        return bool(self.pipe.scheduler.config.get("use_dynamic_shifting", False))
+
+    def sigmas(self, num_steps: int) -> torch.Tensor:
+        """fp32 [num_steps + 1] on CPU: exactly what the pipeline sets on its scheduler for ``num_steps`` at
+        :attr:`resolution` (base sigmas ``linspace(1, 1/T, T)`` shifted with ``mu(resolution)``, stretched to the
+        config's ``shift_terminal`` if any, trailing 0), from a fresh scheduler copy so the pipeline's scheduler
+        state is never touched."""
+        import numpy as np
+
+        key = (int(num_steps), self._resolution)
+        if key not in self._sigmas:
+            sched_cfg = self.pipe.scheduler.config
+            sched = type(self.pipe.scheduler).from_config(sched_cfg)
+            if sched_cfg.get("use_flow_sigmas", False):
+                sched.set_timesteps(num_steps, device="cpu", mu=self.mu())
+            else:
+                base = np.linspace(1.0, 1.0 / num_steps, num_steps)
+                sched.set_timesteps(sigmas=base, device="cpu", mu=self.mu())
+            self._sigmas[key] = sched.sigmas.to(torch.float32).clone()
+        return self._sigmas[key].clone()
+
+
 # ------------------------------------------------------------------------------------------------------ adapter
 
 
-class FluxAdapter(DiffusersAdapterBase):
+class FluxAdapter(PackedGeometry, DiffusersAdapterBase):
     """FLUX.1 adapter. Build with :meth:`from_pretrained` (a diffusers directory) or :meth:`from_pipeline`.
 
     Beyond the protocol: ``resolution`` (the image size ``sigmas`` is computed for; settable), ``true_cfg`` and
@@ -149,11 +232,8 @@ class FluxAdapter(DiffusersAdapterBase):
         self.scaling_factor = float(vae_cfg.scaling_factor)
         self.shift_factor = float(getattr(vae_cfg, "shift_factor", None) or 0.0)
         self.vae_scale_factor = 2 ** (len(vae_cfg.block_out_channels) - 1)
-        self._sigmas: dict[tuple[int, int], torch.Tensor] = {}
         self._img_ids: dict[tuple[int, int], torch.Tensor] = {}
-        self._warned: set[int] = set()
-        self._resolution = 0
-        self.resolution = int(resolution if resolution is not None else self._default_resolution())
+        self._init_geometry(resolution if resolution is not None else self._default_resolution())
 
     # ------------------------------------------------------------------------------------------ construction
 
@@ -185,73 +265,10 @@ class FluxAdapter(DiffusersAdapterBase):
         """Whether guidance_scale > 1 uses a negative conditioning (true CFG only; distilled guidance does not)."""
         return self.true_cfg
 
-    @property
-    def _multiple(self) -> int:
-        return self.vae_scale_factor * 2  # VAE downsampling x 2x2 packing
-
     def _default_resolution(self) -> int:
         size = getattr(self.pipe.vae.config, "sample_size", None)
         size = size[0] if isinstance(size, (list, tuple)) else size
         return int(size) if size and int(size) % self._multiple == 0 else 1024
-
-    @property
-    def resolution(self) -> int:
-        """Square image size (pixels) the sigma schedule is computed for (FLUX's shift depends on it)."""
-        return self._resolution
-
-    @resolution.setter
-    def resolution(self, value: int) -> None:
-        value = int(value)
-        self._check_resolution(value)
-        self._resolution = value
-
-    def _check_resolution(self, resolution: int) -> None:
-        if resolution <= 0 or resolution % self._multiple:
-            raise ValueError(f"resolution {resolution} must be a positive multiple of {self._multiple} for FLUX "
-                             f"(VAE factor {self.vae_scale_factor} x 2x2 packing)")
-
-    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
-        """Unpacked (C, res/8, res/8), C = 16 for FLUX.1; ``resolution`` must be a multiple of 16."""
-        self._check_resolution(resolution)
-        if resolution != self._resolution and resolution not in self._warned and self._dynamic_shift:
-            self._warned.add(resolution)
-            warnings.warn(
-                f"FLUX sigmas are computed for resolution {self._resolution} but latents are requested for "
-                f"{resolution}: set adapter.resolution = {resolution} before calling sigmas() to get FLUX's "
-                "resolution-dependent shift for that size", stacklevel=2)
-        side = resolution // self.vae_scale_factor
-        return (self.latent_channels, side, side)
-
-    def image_seq_len(self, resolution: int | None = None) -> int:
-        """Number of packed image tokens of a square image (default: :attr:`resolution`)."""
-        res = self._resolution if resolution is None else int(resolution)
-        return (res // self._multiple) ** 2
-
-    def mu(self, resolution: int | None = None) -> float:
-        """FLUX's dynamic shift for a square image (default: :attr:`resolution`)."""
-        return dynamic_shift_mu(self.image_seq_len(resolution), self.pipe.scheduler.config)
-
-    @property
-    def _dynamic_shift(self) -> bool:
-        return bool(self.pipe.scheduler.config.get("use_dynamic_shifting", False))
-
-    def sigmas(self, num_steps: int) -> torch.Tensor:
-        """fp32 [num_steps + 1] on CPU: exactly what ``FluxPipeline`` sets on its scheduler for ``num_steps`` at
-        :attr:`resolution` (base sigmas ``linspace(1, 1/T, T)``, shifted with ``mu(resolution)``, trailing 0), from
-        a fresh scheduler copy so the pipeline's scheduler state is never touched."""
-        import numpy as np
-
-        key = (int(num_steps), self._resolution)
-        if key not in self._sigmas:
-            sched_cfg = self.pipe.scheduler.config
-            sched = type(self.pipe.scheduler).from_config(sched_cfg)
-            if sched_cfg.get("use_flow_sigmas", False):
-                sched.set_timesteps(num_steps, device="cpu", mu=self.mu())
-            else:
-                base = np.linspace(1.0, 1.0 / num_steps, num_steps)
-                sched.set_timesteps(sigmas=base, device="cpu", mu=self.mu())
-            self._sigmas[key] = sched.sigmas.to(torch.float32).clone()
-        return self._sigmas[key].clone()
 
     # ------------------------------------------------------------------------------------------------- text
 
@@ -347,5 +364,5 @@ class FluxAdapter(DiffusersAdapterBase):
         return (x.float() / 2 + 0.5).clamp(0, 1)
 
 
-__all__ = ["FLUX_LORA_TARGETS", "FluxAdapter", "dynamic_shift_mu", "latent_image_ids", "pack_latents",
-           "unpack_latents"]
+__all__ = ["FLUX_LORA_TARGETS", "FluxAdapter", "PackedGeometry", "dynamic_shift_mu", "latent_image_ids",
+           "pack_latents", "unpack_latents"]

@@ -45,14 +45,13 @@ Qwen-Image in bf16; ``transformer_dtype=torch.bfloat16`` keeps the frozen LoRA b
 from __future__ import annotations
 
 import os
-import warnings
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
 from .base import Conditioning
 from .common import DiffusersAdapterBase, compute_dtype, dtype_kwarg
-from .flux import dynamic_shift_mu, pack_latents, unpack_latents
+from .flux import PackedGeometry, pack_latents, unpack_latents
 
 if TYPE_CHECKING:
     from diffusers import QwenImageEditPipeline, QwenImagePipeline
@@ -118,7 +117,7 @@ def _broadcast_rows(cond: Conditioning, batch: int, device: torch.device) -> Con
 # ------------------------------------------------------------------------------------------------------ adapter
 
 
-class QwenImageAdapter(DiffusersAdapterBase):
+class QwenImageAdapter(PackedGeometry, DiffusersAdapterBase):
     """Qwen-Image adapter. Build with :meth:`from_pretrained` (a diffusers directory) or :meth:`from_pipeline`.
 
     Beyond the protocol: ``resolution`` (the image size ``sigmas`` is computed for; settable), ``max_sequence_length``
@@ -126,6 +125,7 @@ class QwenImageAdapter(DiffusersAdapterBase):
     """
 
     family = "qwen_image"
+    display_name = "Qwen-Image"
     default_lora_targets = tuple(QWEN_IMAGE_LORA_TARGETS)
     text_encoder_names = ("text_encoder",)
     #: an edit model conditions on a source image (see :mod:`flowgrpo.edit`)
@@ -166,10 +166,7 @@ class QwenImageAdapter(DiffusersAdapterBase):
         shape = (1, self.latent_channels, 1, 1, 1)
         self.latents_mean = torch.tensor(vae_cfg.latents_mean, dtype=torch.float32).view(shape).to(self.device)
         self.latents_std = torch.tensor(vae_cfg.latents_std, dtype=torch.float32).view(shape).to(self.device)
-        self._sigmas: dict[tuple[int, int], torch.Tensor] = {}
-        self._warned: set[int] = set()
-        self._resolution = 0
-        self.resolution = int(resolution if resolution is not None else 1024)
+        self._init_geometry(resolution if resolution is not None else 1024)
         if self.full_finetune:
             self._freeze_unused()
 
@@ -229,63 +226,6 @@ class QwenImageAdapter(DiffusersAdapterBase):
     def _trainable_named(self) -> list[tuple[str, torch.nn.Parameter]]:
         unused = self._unused_prefixes()
         return [(n, p) for n, p in super()._trainable_named() if not n.startswith(unused)]
-
-    # ---------------------------------------------------------------------------------------------- geometry
-
-    @property
-    def _multiple(self) -> int:
-        return self.vae_scale_factor * 2  # VAE downsampling x 2x2 packing
-
-    @property
-    def resolution(self) -> int:
-        """Square image size (pixels) the sigma schedule is computed for (the shift depends on it)."""
-        return self._resolution
-
-    @resolution.setter
-    def resolution(self, value: int) -> None:
-        value = int(value)
-        self._check_resolution(value)
-        self._resolution = value
-
-    def _check_resolution(self, resolution: int) -> None:
-        if resolution <= 0 or resolution % self._multiple:
-            raise ValueError(f"resolution {resolution} must be a positive multiple of {self._multiple} for Qwen-Image "
-                             f"(VAE factor {self.vae_scale_factor} x 2x2 packing)")
-
-    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
-        """Unpacked (C, res/8, res/8) without the VAE's frame dim, C = 16; ``resolution`` must be a multiple of 16."""
-        self._check_resolution(resolution)
-        if resolution != self._resolution and resolution not in self._warned:
-            self._warned.add(resolution)
-            warnings.warn(
-                f"Qwen-Image sigmas are computed for resolution {self._resolution} but latents are requested for "
-                f"{resolution}: set adapter.resolution = {resolution} before calling sigmas() to get the "
-                "resolution-dependent shift for that size", stacklevel=2)
-        side = resolution // self.vae_scale_factor
-        return (self.latent_channels, side, side)
-
-    def image_seq_len(self, resolution: int | None = None) -> int:
-        """Number of packed image tokens of a square image (default: :attr:`resolution`)."""
-        res = self._resolution if resolution is None else int(resolution)
-        return (res // self._multiple) ** 2
-
-    def mu(self, resolution: int | None = None) -> float:
-        """The dynamic shift for a square image (default: :attr:`resolution`)."""
-        return dynamic_shift_mu(self.image_seq_len(resolution), self.pipe.scheduler.config)
-
-    def sigmas(self, num_steps: int) -> torch.Tensor:
-        """fp32 [num_steps + 1] on CPU: exactly what the pipeline sets on its scheduler for ``num_steps`` at
-        :attr:`resolution` (base sigmas ``linspace(1, 1/T, T)``, shifted with ``mu(resolution)``, stretched to the
-        config's ``shift_terminal``, trailing 0), from a fresh scheduler copy (the pipeline's is never touched)."""
-        import numpy as np
-
-        key = (int(num_steps), self._resolution)
-        if key not in self._sigmas:
-            sched = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
-            base = np.linspace(1.0, 1.0 / num_steps, num_steps)
-            sched.set_timesteps(sigmas=base, device="cpu", mu=self.mu())
-            self._sigmas[key] = sched.sigmas.to(torch.float32).clone()
-        return self._sigmas[key].clone()
 
     # ------------------------------------------------------------------------------------------------- text
 

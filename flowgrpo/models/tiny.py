@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -381,26 +381,31 @@ def default_cache_root() -> Path:
     return (Path(env) if env else Path.home() / ".cache" / "flowgrpo") / "models"
 
 
-def cached_tiny_model(spec_name: str = "tiny", cache_dir: str | os.PathLike | None = None, seed: int = 0) -> Path:
-    """The directory of tiny model ``spec_name``, built on first use under ``cache_dir`` (default
-    :func:`default_cache_root`) as ``<cache_dir>/<spec>-<hash>``. The build goes to a temp dir that is then
-    renamed with ``os.replace``, so concurrent callers never see a half-written model."""
-    root = Path(cache_dir) if cache_dir is not None else default_cache_root()
-    final = root / tiny_cache_key(spec_name, seed)
-    if (final / TINY_MARKER).is_file():
+def build_once(final: str | os.PathLike, build: Callable[[Path], Any], marker: str = TINY_MARKER) -> Path:
+    """``final`` once it holds ``marker``; else ``build(tmp)`` into a temp dir beside it, then ``os.replace`` it to
+    ``final``, so concurrent callers never see a half-written model (the loser of a race keeps the winner's)."""
+    final = Path(final)
+    if (final / marker).is_file():
         return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        make_tiny_model(tmp, spec_name, seed)
+        build(tmp)
         try:
             os.replace(tmp, final)
         except OSError:  # another process won the race (final exists and is not empty)
-            if not (final / TINY_MARKER).is_file():
+            if not (final / marker).is_file():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def cached_tiny_model(spec_name: str = "tiny", cache_dir: str | os.PathLike | None = None, seed: int = 0) -> Path:
+    """The directory of tiny model ``spec_name``, built on first use under ``cache_dir`` (default
+    :func:`default_cache_root`) as ``<cache_dir>/<spec>-<hash>`` (:func:`build_once`)."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_root()
+    return build_once(root / tiny_cache_key(spec_name, seed), lambda d: make_tiny_model(d, spec_name, seed))
 
 
 def param_counts(spec_name: str, seed: int = 0) -> dict[str, int]:
@@ -414,6 +419,7 @@ __all__ = [
     "TINY_SPECS",
     "TinySpec",
     "build_clip_tokenizer",
+    "build_once",
     "build_t5_tokenizer",
     "build_tiny_pipeline",
     "cached_tiny_model",

@@ -19,15 +19,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from .tiny import TINY_MARKER, build_clip_tokenizer, build_t5_tokenizer, default_cache_root
+from .tiny import TINY_MARKER, build_clip_tokenizer, build_t5_tokenizer, build_once, default_cache_root
 
 if TYPE_CHECKING:  # diffusers takes seconds to import
     from diffusers import FluxPipeline
@@ -239,24 +237,11 @@ def tiny_flux_cache_key(spec_name: str = "tiny", seed: int = 0) -> str:
 
 def cached_tiny_flux_model(spec_name: str = "tiny", cache_dir: str | os.PathLike | None = None, seed: int = 0) -> Path:
     """The directory of tiny FLUX model ``spec_name``, built on first use as ``<cache_dir>/flux-<spec>-<hash>``
-    (default cache root: :func:`flowgrpo.models.tiny.default_cache_root`). Built in a temp dir and renamed with
-    ``os.replace``, so concurrent callers never see a half-written model."""
+    (default cache root: :func:`flowgrpo.models.tiny.default_cache_root`). Built atomically
+    (:func:`~flowgrpo.models.tiny.build_once`)."""
     root = Path(cache_dir) if cache_dir is not None else default_cache_root()
-    final = root / tiny_flux_cache_key(spec_name, seed)
-    if (final / TINY_MARKER).is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-    try:
-        make_tiny_flux_model(tmp, seed=seed, spec_name=spec_name)
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process won the race
-            if not (final / TINY_MARKER).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return build_once(root / tiny_flux_cache_key(spec_name, seed),
+                      lambda d: make_tiny_flux_model(d, seed=seed, spec_name=spec_name))
 
 
 __all__ = [

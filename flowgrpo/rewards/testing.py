@@ -95,28 +95,11 @@ def make_tiny_clip(out_dir: str | os.PathLike, seed: int = 0, image_size: int = 
 
 def cached_tiny_clip(cache_dir: str | os.PathLike | None = None, seed: int = 0) -> Path:
     """The default tiny CLIP (``model: tiny-clip`` in reward options), saved once as ``<cache_dir>/clip-tiny-<seed>``
-    (default cache root: :func:`flowgrpo.models.tiny.default_cache_root`); built in a temp dir, then renamed."""
-    import shutil
-    import tempfile
-
-    from flowgrpo.models.tiny import default_cache_root
+    (default cache root: :func:`flowgrpo.models.tiny.default_cache_root`; built atomically)."""
+    from flowgrpo.models.tiny import build_once, default_cache_root
 
     root = Path(cache_dir) if cache_dir is not None else default_cache_root()
-    final = root / f"clip-tiny-{seed}"
-    if (final / "flowgrpo_tiny_clip.json").is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-    try:
-        make_tiny_clip(tmp, seed=seed)
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process won the race
-            if not (final / "flowgrpo_tiny_clip.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return build_once(root / f"clip-tiny-{seed}", lambda d: make_tiny_clip(d, seed=seed), "flowgrpo_tiny_clip.json")
 
 
 def tiny_clip_projection_dim(model_dir: str | os.PathLike) -> int:
