@@ -112,3 +112,21 @@ def test_counting_edit_with_generated_sources_trains_and_exports_kontext(kontext
     assert "eval_reward_image_similarity" in rec[-1]
     assert latest_checkpoint(out / "checkpoints") is not None
     assert isinstance(FluxKontextPipeline.from_pretrained(out / "final"), FluxKontextPipeline)
+
+
+def test_cli_train_one_epoch_exports_qwen_image_edit(tmp_path, monkeypatch):
+    """`flowgrpo train` on the tiny Qwen-Image-Edit preset (shapes edits, true CFG): one epoch, a checkpoint, an
+    exported QwenImageEditPipeline that reloads with the source size it was trained with."""
+    from flowgrpo.checkpoint import latest_checkpoint
+    from flowgrpo.cli import main
+    from flowgrpo.models.qwen_image import QwenImageEditAdapter
+
+    monkeypatch.setenv("FLOWGRPO_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(QWEN_PRESET), "--resume", "never", f"output_dir={out}", "train.epochs=1",
+                 "train.checkpoint_every=1", "eval.every=0", "tracking.enabled=false"]) == 0
+    rec = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rec) == 1 and 0.0 <= rec[0]["reward_shapes_mean"] <= 1.0
+    assert latest_checkpoint(out / "checkpoints") is not None
+    exported = QwenImageEditAdapter.from_pretrained(out / "final", max_sequence_length=128)
+    assert exported.source_resolution == 64 and type(exported.pipe).__name__ == "QwenImageEditPipeline"
