@@ -113,6 +113,8 @@ def _thumb_uri(res: SuiteResult, record: dict[str, Any], px: int, cache: dict) -
     if path is None:
         return None
     key = (str(path), px)
+    if key not in cache and path.suffix == ".gif":  # a video clip: the stored thumbnail GIF itself, animated
+        cache[key] = "data:image/gif;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
     if key not in cache:
         from PIL import Image
 

@@ -133,3 +133,22 @@ def test_html_report_renders_in_headless_chromium(results, tmp_path):
     png = Image.open(shot)
     assert png.size == (1400, 2000)
     assert len(set(np.asarray(png.convert("L")).ravel().tolist())) > 10  # not a blank page
+
+
+def test_video_clips_are_embedded_as_animated_gifs(tmp_path):
+    """Evaluation stores a video sample as a GIF (flowgrpo.eval.runner.encode_image); the report embeds it as is."""
+    from flowgrpo.eval.runner import encode_image
+
+    clip = np.stack([np.full((32, 32, 3), 40 * f, np.uint8) for f in range(5)])  # [F, H, W, 3]
+    data, ext = encode_image(clip, thumb_size=256)
+    assert ext == "gif" and Image.open(io.BytesIO(data)).n_frames == 5
+    root = tmp_path / "wan"
+    (root / "images").mkdir(parents=True)
+    (root / "images" / "p000000_i0.gif").write_bytes(data)
+    rec = {"prompt_index": 0, "image_index": 0, "prompt": "a cat running", "category": "all", "scores": {"r": 0.5},
+           "avg": 0.5, "passed": None, "strict_passed": None, "details": {}, "image": "images/p000000_i0.gif"}
+    res = SuiteResult("preset", suite_metrics("preset", [rec]), [rec], root, 1.0, role="candidate", model="m",
+                      primary="preset/avg", skipped={}, stats={})
+    page = html_report([res], [], gate="", passed=None, models={"candidate": "m"}, settings=EvalSettings())
+    uri = "data:image/gif;base64," + base64.b64encode(data).decode("ascii")
+    assert uri in page
