@@ -1,6 +1,6 @@
 """The model adapter protocol: the only surface the rollout, the loss and the recipe touch.
 
-One adapter per model family (SD3 today; FLUX, Qwen-Image, Wan later) hides the family's text encoders,
+One adapter per model family (SD3, FLUX.1, FLUX.1-Kontext, Qwen-Image(-Edit), Wan2.1) hides the family's text encoders,
 latent layout, guidance convention and VAE. Everything the trainer needs is here:
 
 * ``encode_prompts``  - text -> :data:`Conditioning` (called once per *unique* prompt by the rollout)
@@ -12,6 +12,11 @@ latent layout, guidance convention and VAE. Everything the trainer needs is here
 
 Conditioning is a plain ``dict[str, Tensor]`` whose tensors all have the batch as their first dim, so the
 rollout can index, repeat and concatenate it without knowing the family.
+
+Edit families (``edit = True``: FLUX.1-Kontext, Qwen-Image-Edit) condition on a source image too:
+``encode_prompts(prompts, images)`` takes the sources (fp32 [B, 3, R, R] in [0, 1]) and puts what the velocity needs
+about them into the conditioning rows (see :mod:`flowgrpo.edit`). Video families (Wan2.1) have 5-D latents
+``[B, C, F, H, W]``: ``latent_shape`` returns ``(C, F, H, W)`` and ``decode`` returns ``[B, F, 3, H, W]``.
 """
 
 from __future__ import annotations
@@ -46,8 +51,8 @@ class ModelAdapter(Protocol):
     #: the policy network (the module that gets LoRA, the optimizer and the DDP/DeepSpeed wrapper)
     transformer: torch.nn.Module
 
-    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
-        """(C, H, W) of the latent for a square image of ``resolution`` pixels."""
+    def latent_shape(self, resolution: int) -> tuple[int, ...]:
+        """(C, H, W) of the latent for a square image of ``resolution`` pixels ((C, F, H, W) for video)."""
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
         """fp32 [num_steps + 1] decreasing from 1 to 0 (the family's shifted schedule)."""
