@@ -126,8 +126,9 @@ class PromptEncoder:
         self.cache.clear()
 
 
-def initial_noise(shape: tuple[int, int, int], seeds: Sequence[int], device: torch.device) -> torch.Tensor:
-    """fp32 [B, C, H, W]: one CPU generator per image (identical on every device and batch layout)."""
+def initial_noise(shape: tuple[int, ...], seeds: Sequence[int], device: torch.device) -> torch.Tensor:
+    """fp32 [B, *shape] ([B, C, H, W]; video [B, C, F, H, W]): one CPU generator per image (identical on every
+    device and batch layout)."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
 
 
