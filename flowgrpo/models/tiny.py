@@ -381,6 +381,13 @@ def default_cache_root() -> Path:
     return (Path(env) if env else Path.home() / ".cache" / "flowgrpo") / "models"
 
 
+def spec_cache_key(prefix: str, family: str, spec: dict[str, Any], seed: int, code_version: int) -> str:
+    """``<prefix>-<12 hex>``: a hash of a tiny model family's spec settings, seed and construction-code version (the
+    cache key of :func:`build_once` directories; any change rebuilds)."""
+    payload = json.dumps({"family": family, "spec": spec, "seed": seed, "code": code_version}, sort_keys=True)
+    return f"{prefix}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
+
+
 def build_once(final: str | os.PathLike, build: Callable[[Path], Any], marker: str = TINY_MARKER) -> Path:
     """``final`` once it holds ``marker``; else ``build(tmp)`` into a temp dir beside it, then ``os.replace`` it to
     ``final``, so concurrent callers never see a half-written model (the loser of a race keeps the winner's)."""
@@ -425,6 +432,7 @@ __all__ = [
     "cached_tiny_model",
     "make_tiny_model",
     "param_counts",
+    "spec_cache_key",
     "tiny_cache_key",
 ]
 

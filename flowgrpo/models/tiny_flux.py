@@ -16,7 +16,6 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -25,7 +24,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .tiny import TINY_MARKER, build_clip_tokenizer, build_t5_tokenizer, build_once, default_cache_root
+from .tiny import (TINY_MARKER, build_clip_tokenizer, build_once, build_t5_tokenizer, default_cache_root,
+                   spec_cache_key)
 
 if TYPE_CHECKING:  # diffusers takes seconds to import
     from diffusers import FluxPipeline
@@ -227,12 +227,7 @@ def tiny_flux_cache_key(spec_name: str = "tiny", seed: int = 0) -> str:
     spec = dataclasses.asdict(get_flux_spec(spec_name))
     if spec["pipeline"] == "FluxPipeline":  # the field came later: keep the text-to-image models' keys
         del spec["pipeline"]
-    payload = json.dumps(
-        {"family": "flux", "spec": spec, "seed": seed,
-         "code": TINY_FLUX_CODE_VERSION},
-        sort_keys=True,
-    )
-    return f"flux-{spec_name}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
+    return spec_cache_key(f"flux-{spec_name}", "flux", spec, seed, TINY_FLUX_CODE_VERSION)
 
 
 def cached_tiny_flux_model(spec_name: str = "tiny", cache_dir: str | os.PathLike | None = None, seed: int = 0) -> Path:

@@ -27,7 +27,6 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .tiny import TINY_MARKER, build_once, default_cache_root
+from .tiny import TINY_MARKER, build_once, default_cache_root, spec_cache_key
 
 if TYPE_CHECKING:  # diffusers takes seconds to import
     from diffusers import QwenImagePipeline
@@ -334,12 +333,8 @@ def make_tiny_qwen_image_model(out_dir: str | os.PathLike, seed: int = 0, spec_n
 
 def tiny_qwen_image_cache_key(spec_name: str = "tiny", seed: int = 0) -> str:
     """``qwen-image-<spec>-<12 hex>``: hash of the spec's settings, the seed and the code version."""
-    payload = json.dumps(
-        {"family": "qwen_image", "spec": dataclasses.asdict(get_qwen_image_spec(spec_name)), "seed": seed,
-         "code": TINY_QWEN_IMAGE_CODE_VERSION},
-        sort_keys=True,
-    )
-    return f"qwen-image-{spec_name}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
+    return spec_cache_key(f"qwen-image-{spec_name}", "qwen_image", dataclasses.asdict(get_qwen_image_spec(spec_name)),
+                          seed, TINY_QWEN_IMAGE_CODE_VERSION)
 
 
 def cached_tiny_qwen_image_model(spec_name: str = "tiny", cache_dir: str | os.PathLike | None = None,

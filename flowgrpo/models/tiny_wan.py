@@ -18,7 +18,6 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .tiny import TINY_MARKER, build_t5_tokenizer, build_once, default_cache_root
+from .tiny import TINY_MARKER, build_once, build_t5_tokenizer, default_cache_root, spec_cache_key
 
 if TYPE_CHECKING:  # diffusers takes seconds to import
     from diffusers import WanPipeline
@@ -177,12 +176,8 @@ def make_tiny_wan_model(out_dir: str | os.PathLike, seed: int = 0, spec_name: st
 
 def tiny_wan_cache_key(spec_name: str = "tiny", seed: int = 0) -> str:
     """``wan-<spec>-<12 hex>``: hash of the spec's settings, the seed and :data:`TINY_WAN_CODE_VERSION`."""
-    payload = json.dumps(
-        {"family": "wan", "spec": dataclasses.asdict(get_wan_spec(spec_name)), "seed": seed,
-         "code": TINY_WAN_CODE_VERSION},
-        sort_keys=True,
-    )
-    return f"wan-{spec_name}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
+    return spec_cache_key(f"wan-{spec_name}", "wan", dataclasses.asdict(get_wan_spec(spec_name)), seed,
+                          TINY_WAN_CODE_VERSION)
 
 
 def cached_tiny_wan_model(spec_name: str = "tiny", cache_dir: str | os.PathLike | None = None, seed: int = 0) -> Path:
