@@ -36,9 +36,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/flowgrpo bench rollout --guidance 4.5
-	$(BIN)/flowgrpo bench rollout --guidance 1.0
+	$(BIN)/flowgrpo bench rollout --guidance 4.5 --compile
+	$(BIN)/flowgrpo bench rollout --guidance 1.0 --compile --no-baseline
 	$(BIN)/flowgrpo bench train
-	$(BIN)/flowgrpo bench train --window 3
+	$(BIN)/flowgrpo bench train --compile
+	$(BIN)/flowgrpo bench train --compile --window 3
 
 clean:
 	rm -rf runs .pytest_cache

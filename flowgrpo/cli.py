@@ -229,8 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--full", action="store_true", help="train bench: full fine-tune instead of LoRA r32/a64")
     b.add_argument("--beta", type=float, default=0.0, help="train bench: KL coefficient (> 0 adds the reference forward)")
-    b.add_argument("--compile", action="store_true", help="torch.compile the transformer (compile time in compile_s)")
-    b.add_argument("--malloc-tune", dest="malloc_tune", action="store_true", help="glibc mallopt: no page-fault churn")
+    b.add_argument("--compile", action="store_true",
+                   help="the recipe's model.compile=true: the transformer compiled in place (compile time in compile_s)")
+    b.add_argument("--no-malloc-tune", dest="malloc_tune", action="store_false",
+                   help="leave glibc malloc alone (the recipe's malloc_tune=false; default: tuned, as on CPU training)")
     b.add_argument("--threads", type=int, default=0, help="torch threads for this run (0 = torch default)")
     b.add_argument("--no-baseline", dest="no_baseline", action="store_true", help="rollout bench: skip the diffusers run")
     b.add_argument("--rewards", default="jpeg_compressibility,ocr", help="reward-server bench: rewards to compare")

@@ -110,6 +110,10 @@ class GRPORecipe:
         self.reward_fn = WeightedReward(cfg.reward, options=cfg.reward_options)
 
         device = pick_device(cfg.device)
+        if device.type == "cpu" and cfg.malloc_tune:
+            from flowgrpo.runtime import tune_malloc
+
+            tune_malloc()
         self.accelerator = acc = make_accelerator(cfg, cpu=device.type == "cpu")
         self.rank, self.world = acc.process_index, acc.num_processes
         if self.world != env.world_size:
@@ -138,6 +142,10 @@ class GRPORecipe:
         t = cfg.train
         optimizer = torch.optim.AdamW(self.params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                                       weight_decay=t.weight_decay, eps=t.adam_eps)
+        if m.compile:  # in place, before DDP wraps it: sampling, training and evaluation all run the compiled code
+            from flowgrpo.runtime import compile_module
+
+            compile_module(self.adapter.transformer)
         self.model, self.optimizer = acc.prepare(self.adapter.transformer, optimizer)
         self.ema = EMA(self.params, t.ema_decay, t.ema_update_every) if t.ema else None
 

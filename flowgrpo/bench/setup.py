@@ -1,27 +1,26 @@
-"""Building the benchmarked adapter, and the optional speed-ups the benchmarks can switch on.
+"""Building the benchmarked adapter, and the speed settings the benchmarks share with the recipe (flowgrpo.runtime).
 
 Every option is read with ``getattr(args, name, default)``, so the CLI may or may not define it:
 
 * ``threads`` (int, 0 = torch's default): ``torch.set_num_threads`` for the run (restored afterwards by
   :func:`flowgrpo.bench.run_bench`).
-* ``compile`` (bool): ``torch.compile(transformer, dynamic=False)`` (inductor, CPU C++ codegen). The eager module
-  stays available (FLOPs are counted on it, the diffusers baseline uses it); compile time is spent in the
-  untimed warm-up and reported as ``compile_s``. Same math: fp32 throughout, only kernel fusion.
-* ``malloc_tune`` (bool): glibc ``mallopt`` so big tensors are reused from the heap instead of being ``mmap``-ed
-  and page-faulted in again on every allocation (~20k minor faults per transformer call on bench_cpu otherwise).
+* ``compile`` (bool): the recipe's ``model.compile=true``: the transformer compiled in place
+  (:func:`flowgrpo.runtime.compile_module`). FLOPs are counted and the diffusers baseline runs inside
+  :func:`eager`; compile time is spent in the untimed warm-up and reported as ``compile_s``. Same fp32 math, only
+  kernel fusion.
+* ``malloc_tune`` (bool, default True like the recipe's ``malloc_tune`` on CPU; ``--no-malloc-tune`` turns it off):
+  :func:`flowgrpo.runtime.tune_malloc`. Process-wide: the diffusers baseline of the same run gets it too.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import sys
 from typing import Any
 
 import torch
 
+from flowgrpo.runtime import compile_module, force_eager, tune_malloc
+
 MAX_SEQUENCE_LENGTH = 128
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
 def load_bench_adapter(args: Any, full_finetune: bool = False, needs_reference: bool = False):
@@ -35,48 +34,29 @@ def load_bench_adapter(args: Any, full_finetune: bool = False, needs_reference: 
                         full_finetune=full_finetune, needs_reference=needs_reference)
 
 
-def tune_malloc(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 << 31) -> bool:
-    """glibc only: serve allocations below ``mmap_threshold`` from the heap and keep up to ``trim_threshold``
-    bytes of free heap instead of returning it to the OS. Process-wide and permanent. Returns whether it applied."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))) and bool(
-            libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)))
-    except (OSError, AttributeError):
-        return False
-
-
 def apply_speedups(adapter: Any, args: Any) -> dict[str, Any]:
-    """Apply the optional speed-ups named by ``args`` to ``adapter`` (after any LoRA is attached).
-
-    With ``compile``, ``adapter.transformer`` becomes the compiled module and ``adapter.eager_transformer`` holds
-    the original. Returns what was applied (for the JSON line)."""
+    """Apply the speed settings named by ``args`` to ``adapter`` (after any LoRA is attached), exactly as the recipe
+    does for ``malloc_tune`` / ``model.compile``. Returns what was applied (for the JSON line)."""
     applied: dict[str, Any] = {}
-    if getattr(args, "malloc_tune", False):
+    if getattr(args, "malloc_tune", True):
         applied["malloc_tune"] = tune_malloc()
-    adapter.eager_transformer = adapter.transformer
     if getattr(args, "compile", False):
-        adapter.transformer = torch.compile(adapter.transformer, dynamic=False)
+        compile_module(adapter.transformer)
         applied["compile"] = True
     return applied
 
 
 def eager(adapter: Any):
-    """Context manager: ``adapter.transformer`` is the eager module inside (for FLOP counting)."""
+    """Context manager: the (possibly compiled) transformer runs its eager code inside (FLOP counting, call hooks,
+    the diffusers baseline). Yields ``adapter.transformer``."""
     import contextlib
 
     @contextlib.contextmanager
     def _ctx():
-        current = adapter.transformer
-        adapter.transformer = getattr(adapter, "eager_transformer", current)
-        try:
+        with force_eager():
             yield adapter.transformer
-        finally:
-            adapter.transformer = current
 
     return _ctx()
 
 
-__all__ = ["MAX_SEQUENCE_LENGTH", "apply_speedups", "eager", "load_bench_adapter", "tune_malloc"]
+__all__ = ["MAX_SEQUENCE_LENGTH", "apply_speedups", "eager", "load_bench_adapter"]

@@ -82,6 +82,17 @@ def test_bench_rollout_tiny(tiny_model_dir: Path, one_thread, guidance: float) -
         assert k in out
 
 
+def test_bench_rollout_compiled_matches_eager(tiny_model_dir: Path, one_thread) -> None:
+    """--compile: the recipe's in-place compilation; FLOPs are still counted (on the eager code), the diffusers
+    baseline runs eagerly, and the compiled images equal the eager ones up to fp32 rounding."""
+    out = run_bench(_args(tiny_model_dir, "rollout", compile=True))
+    assert out["speedups"]["compile"] is True and out["speedups"]["malloc_tune"] in (True, False)
+    assert out["compile_s"] is not None and out["compile_s"] >= 0
+    assert 0 <= out["compiled_vs_eager_max_abs_diff"] < 1e-3
+    assert out["transformer_calls_per_step"] == 1.0 and out["transformer_flops_per_image"] > 0
+    _positive_finite(out, ["images_per_s", "baseline_images_per_s", "mfu"])
+
+
 @pytest.mark.parametrize("guidance,steps,window", [(4.5, 2, 0), (1.0, 3, 1)])
 def test_bench_train_tiny(tiny_model_dir: Path, one_thread, guidance: float, steps: int, window: int) -> None:
     out = run_bench(_args(tiny_model_dir, "train", guidance=guidance, steps=steps, window=window))

@@ -71,6 +71,7 @@ INVALID = [
     (["sample.bach_size=8"], "sample.bach_size"),
     (["train.guard=true", "sample.sde_type=cps"], "train.guard"),
     (["train.deepspeed_stage=4"], "train.deepspeed_stage"),
+    (["model.compile=true", "train.deepspeed_stage=2"], "model.compile"),
     (["sample.timestep_fraction=1.5"], "sample.timestep_fraction"),
     (["model.family=sdxl"], "model.family"),
     (["device=tpu"], "device"),
