@@ -34,14 +34,21 @@ def select(cond: Conditioning, index: torch.Tensor) -> Conditioning:
     return {k: v.index_select(0, index.to(v.device)) for k, v in cond.items()}
 
 
-def concat(conds: Sequence[Conditioning]) -> Conditioning:
-    """Concatenate conditionings along the batch dim."""
-    return {k: torch.cat([c[k] for c in conds], dim=0) for k in conds[0]}
-
-
 def expand(cond: Conditioning, batch: int) -> Conditioning:
     """Broadcast a single-row conditioning (e.g. the empty negative prompt) to ``batch`` rows."""
     return {k: v.expand(batch, *v.shape[1:]) for k, v in cond.items()}
+
+
+def broadcast_rows(cond: Conditioning, batch: int, device: torch.device | str | None = None) -> Conditioning:
+    """A 1-row conditioning broadcast to ``batch`` rows (tensors of other lengths unchanged), moved to ``device``."""
+    return {k: (t.expand(batch, *t.shape[1:]) if len(t) == 1 else t).to(device) for k, t in cond.items()}
+
+
+def guided(out: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022, eq. 6) on one call's output over [negative; positive] rows:
+    [2B, ...] -> v_u + w (v_c - v_u) [B, ...]."""
+    v_u, v_c = out.chunk(2)  # [B, ...] each
+    return v_u + guidance_scale * (v_c - v_u)
 
 
 @runtime_checkable

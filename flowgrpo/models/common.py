@@ -5,7 +5,8 @@ diffusers export.
 A family adapter (SD3, FLUX, ...) subclasses :class:`DiffusersAdapterBase`, calls its constructor with the
 pipeline, sets ``family``, ``default_lora_targets`` and ``text_encoder_names``, and implements the family-specific
 half of :class:`~flowgrpo.models.base.ModelAdapter`: ``latent_shape``, ``sigmas``, ``encode_prompts``, ``velocity``
-(calling ``self._network(model)`` under ``self._autocast()``) and ``decode``.
+(inputs from ``self._velocity_inputs``, ``self._network(model)`` called under ``self._autocast()``, CFG halves
+combined with :func:`~flowgrpo.models.base.guided`) and ``decode``.
 
 diffusers/peft are imported lazily.
 """
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+
+from .base import Conditioning, broadcast_rows
 
 _DTYPES: dict[str, torch.dtype | None] = {"no": None, "fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 #: our ``init`` names -> peft ``init_lora_weights`` (other strings, e.g. "pissa", are passed to peft unchanged)
@@ -118,6 +121,30 @@ class DiffusersAdapterBase:
         if self.dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def _velocity_inputs(self, latents: torch.Tensor, sigma: torch.Tensor | float, cond: Conditioning,
+                         negative: Conditioning | None, cfg: bool) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
+        """The inputs of ONE transformer call, on the device: fp32 latents, sigmas [N] and the conditioning rows.
+        Without ``cfg`` N = B; with it N = 2B rows [negative; positive] (:meth:`_negative_rows`), and the caller
+        combines the two halves of the output (:func:`~flowgrpo.models.base.guided`)."""
+        b = latents.shape[0]
+        x = latents.to(self.device, torch.float32)  # [B, C, (F,) H, W]
+        s = torch.as_tensor(sigma).to(self.device, torch.float32).reshape(-1).expand(b)  # [B]
+        c = {k: v.to(self.device) for k, v in cond.items()}
+        if not cfg:
+            return x, s, c
+        if negative is None:
+            raise ValueError("classifier-free guidance (guidance_scale > 1) needs the negative conditioning")
+        neg = self._negative_rows(negative, c, b)
+        return torch.cat([x, x]), torch.cat([s, s]), {k: torch.cat([neg[k], c[k]]) for k in c}  # [2B, ...]
+
+    def _negative_rows(self, negative: Conditioning, cond: Conditioning, batch: int) -> Conditioning:
+        """The negative conditioning as ``batch`` rows (a 1-row one is broadcast) with every key of ``cond``."""
+        neg = broadcast_rows(negative, batch, self.device)
+        missing = set(cond) - set(neg)
+        if missing:
+            raise KeyError(f"negative conditioning lacks {sorted(missing)}")
+        return neg
 
     def _network(self, model: Callable[..., Any] | None) -> Callable[..., Any]:
         """The module a velocity call runs: the frozen initial copy inside :meth:`reference` for full fine-tuning

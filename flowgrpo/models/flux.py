@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
-from .base import Conditioning, concat
+from .base import Conditioning, guided
 from .common import DiffusersAdapterBase, compute_dtype, dtype_kwarg
 
 if TYPE_CHECKING:
@@ -311,16 +311,9 @@ class FluxAdapter(PackedGeometry, DiffusersAdapterBase):
         transformer has ``guidance_embeds``); ``negative`` is ignored. ``true_cfg=True`` and guidance_scale > 1:
         ONE call on [negative; positive] (2B rows), v = v_u + w (v_c - v_u), embedding = ``embedded_guidance``.
         A 1-row ``negative`` is broadcast."""
-        b, _, h, w = latents.shape
-        x = latents.to(self.device, torch.float32)
-        s = torch.as_tensor(sigma).to(self.device, torch.float32).reshape(-1).expand(b)  # [B]
-        c = {k: v.to(self.device) for k, v in cond.items()}
+        h, w = latents.shape[-2:]
         cfg = self.true_cfg and guidance_scale > 1.0
-        if cfg:
-            if negative is None:
-                raise ValueError(f"true CFG with guidance_scale={guidance_scale} > 1 needs the negative conditioning")
-            neg = {k: (t.expand(b, *t.shape[1:]) if len(t) == 1 else t).to(self.device) for k, t in negative.items()}
-            x, s, c = torch.cat([x, x]), torch.cat([s, s]), concat([neg, c])  # [2B, ...]
+        x, s, c = self._velocity_inputs(latents, sigma, cond, negative, cfg)  # [N, C, H, W], [N], N = B or 2B
         n = x.shape[0]
         guidance = None
         if self.guidance_embeds:
@@ -345,10 +338,7 @@ class FluxAdapter(PackedGeometry, DiffusersAdapterBase):
                 return_dict=False,
             )[0]
         out = unpack_latents(out[:, :n_img].float(), h, w)  # [N, C, H, W]: the noisy tokens' velocity
-        if not cfg:
-            return out
-        v_u, v_c = out.chunk(2)  # [B, ...] each
-        return v_u + guidance_scale * (v_c - v_u)
+        return guided(out, guidance_scale) if cfg else out
 
     def _extra_tokens(self, cond: Conditioning) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Conditioning tokens appended after the noisy image tokens, with their position ids ([N, M, 4C], [M, 3]);

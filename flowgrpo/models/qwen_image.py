@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
-from .base import Conditioning
+from .base import Conditioning, broadcast_rows
 from .common import DiffusersAdapterBase, compute_dtype, dtype_kwarg
 from .flux import PackedGeometry, pack_latents, unpack_latents
 
@@ -107,11 +107,6 @@ def rescaled_cfg(v_u: torch.Tensor, v_c: torch.Tensor, scale: float) -> torch.Te
     comb = v_u + scale * (v_c - v_u)
     return comb * (torch.linalg.vector_norm(v_c, dim=-1, keepdim=True)
                    / torch.linalg.vector_norm(comb, dim=-1, keepdim=True))
-
-
-def _broadcast_rows(cond: Conditioning, batch: int, device: torch.device) -> Conditioning:
-    """A 1-row conditioning broadcast to ``batch`` rows (others unchanged), on ``device``."""
-    return {k: (t.expand(batch, *t.shape[1:]) if len(t) == 1 else t).to(device) for k, t in cond.items()}
 
 
 # ------------------------------------------------------------------------------------------------------ adapter
@@ -263,17 +258,9 @@ class QwenImageAdapter(PackedGeometry, DiffusersAdapterBase):
         guidance_scale <= 1: ONE transformer call on B rows. guidance_scale > 1: ONE call on [negative; positive]
         (2B rows), then :func:`rescaled_cfg` (the pipeline's CFG with norm rescaling). A 1-row ``negative`` is
         broadcast."""
-        b, _, h, w = latents.shape
-        x = latents.to(self.device, torch.float32)
-        s = torch.as_tensor(sigma).to(self.device, torch.float32).reshape(-1).expand(b)  # [B]
-        c = {k: v.to(self.device) for k, v in cond.items()}
+        h, w = latents.shape[-2:]
         cfg = guidance_scale > 1.0
-        if cfg:
-            if negative is None:
-                raise ValueError(f"true CFG with guidance_scale={guidance_scale} > 1 needs the negative conditioning")
-            neg = self._negative_rows(negative, c, b)
-            x, s = torch.cat([x, x]), torch.cat([s, s])  # [2B, ...]
-            c = {k: torch.cat([neg[k], c[k]]) for k in c}
+        x, s, c = self._velocity_inputs(latents, sigma, cond, negative, cfg)  # [N, C, H, W], [N], N = B or 2B
         text, mask = trim_text(c["prompt_embeds"], c["prompt_embeds_mask"])
         hidden, img_shapes = self._transformer_inputs(x, c)
         net = self._network(model)
@@ -292,14 +279,6 @@ class QwenImageAdapter(PackedGeometry, DiffusersAdapterBase):
             v_u, v_c = out.chunk(2)  # [B, T, 4C] each
             out = rescaled_cfg(v_u, v_c, guidance_scale)
         return unpack_latents(out, h, w)
-
-    def _negative_rows(self, negative: Conditioning, cond: Conditioning, batch: int) -> Conditioning:
-        """The negative conditioning as ``batch`` rows with the keys of ``cond``."""
-        neg = _broadcast_rows(negative, batch, self.device)
-        missing = set(cond) - set(neg)
-        if missing:
-            raise KeyError(f"negative conditioning lacks {sorted(missing)}")
-        return neg
 
     # ----------------------------------------------------------------------------------------------- decode
 
@@ -523,7 +502,7 @@ class QwenImageEditAdapter(QwenImageAdapter):
 
     def _negative_rows(self, negative: Conditioning, cond: Conditioning, batch: int) -> Conditioning:
         """Negative rows; ``image_latents`` copied from ``cond`` when the negative has none."""
-        neg = _broadcast_rows(negative, batch, self.device)
+        neg = broadcast_rows(negative, batch, self.device)
         if "image_latents" not in neg:
             neg["image_latents"] = cond["image_latents"]
         return super()._negative_rows(neg, cond, batch)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
-from .base import Conditioning, concat
+from .base import Conditioning, guided
 from .common import DiffusersAdapterBase, compute_dtype, dtype_kwarg
 
 if TYPE_CHECKING:
@@ -151,16 +151,8 @@ class SD3Adapter(DiffusersAdapterBase):
     ) -> torch.Tensor:
         """v(x_t, sigma), fp32 [B, C, H, W]. guidance_scale > 1: ONE transformer call on [negative; positive]
         (2B rows), v = v_u + w (v_c - v_u); otherwise one call on B rows. A 1-row ``negative`` is broadcast."""
-        b = latents.shape[0]
-        x = latents.to(self.device, torch.float32)  # [B, C, H, W]
-        s = torch.as_tensor(sigma).to(self.device, torch.float32).reshape(-1).expand(b)  # [B]
         cfg = guidance_scale > 1.0
-        c = {k: v.to(self.device) for k, v in cond.items()}
-        if cfg:
-            if negative is None:
-                raise ValueError(f"guidance_scale={guidance_scale} > 1 needs the negative conditioning")
-            neg = {k: (t.expand(b, *t.shape[1:]) if len(t) == 1 else t).to(self.device) for k, t in negative.items()}
-            x, s, c = torch.cat([x, x]), torch.cat([s, s]), concat([neg, c])  # [2B, ...]
+        x, s, c = self._velocity_inputs(latents, sigma, cond, negative, cfg)  # [N, C, H, W], [N], N = B or 2B
         net = self._network(model)
         with self._autocast():
             out = net(
@@ -171,10 +163,7 @@ class SD3Adapter(DiffusersAdapterBase):
                 return_dict=False,
             )[0]
         out = out.float()
-        if not cfg:
-            return out
-        v_u, v_c = out.chunk(2)  # [B, ...] each
-        return v_u + guidance_scale * (v_c - v_u)
+        return guided(out, guidance_scale) if cfg else out
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

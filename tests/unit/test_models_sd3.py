@@ -137,8 +137,10 @@ def test_velocity_single_call_and_cfg(adapter: SD3Adapter, inputs) -> None:
     h.remove()
     assert v.shape == x.shape and v.dtype == torch.float32
     torch.testing.assert_close(v, v_u + 4.5 * (v1 - v_u), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="negative conditioning"):
         adapter.velocity(x, sigma, cond, 4.5)
+    with pytest.raises(KeyError, match="pooled_prompt_embeds"):  # every conditioning key needs its negative rows
+        adapter.velocity(x, sigma, cond, 4.5, negative={"prompt_embeds": neg["prompt_embeds"]})
     # model= overrides the transformer (e.g. the DDP-wrapped module), called with the same kwargs
     calls: list[int] = []
 
