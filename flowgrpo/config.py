@@ -86,12 +86,13 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    #: training prompts: a .txt (one per line) or .jsonl (GenEval metadata with 'prompt') file, or builtin:<name>
+    #: training prompts: a .txt (one per line) or .jsonl (GenEval metadata with 'prompt') file, local or on a
+    #: storage URI (s3://...), or builtin:<name>
     train_prompts: str = "builtin:animals"
     #: held-out prompts for periodic evaluation (same formats); empty = no prompt-based eval
     test_prompts: str = ""
-    #: folder that relative source-image paths of edit prompt rows ("image") are read from; empty = the prompt
-    #: file's folder (see flowgrpo.edit)
+    #: folder or s3:// prefix that relative source-image paths of edit prompt rows ("image") are read from; empty =
+    #: the prompt file's folder (see flowgrpo.edit; sources on S3 are fetched once into the local cache)
     image_root: str = ""
 
     def __post_init__(self) -> None:

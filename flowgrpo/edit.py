@@ -5,7 +5,9 @@ the source image under ``"image"``: upstream's ``counting_edit`` format,
 ``{"prompt": "Change the number of ...", "t2i_prompt": "a photo of ...", "image": "generated_images/image_9.jpg",
 "include": [...], "exclude": [...]}``. Relative paths are resolved against ``data.image_root`` (default: the prompt
 file's folder) when the prompts are loaded (:func:`resolve_sources`), so the rewards (``image_similarity`` reads the
-same key) and the model see the same file.
+same key) and the model see the same file. Prompt files and sources may live on a storage URI (``s3://...``, e.g.
+for a PyTorchJob whose pods share no disk): the sources are fetched once into a local cache; a reward server in
+another pod receives each source inline with the request (:class:`~flowgrpo.rewards.remote.RemoteReward`).
 
 The model side: an edit adapter has ``edit = True`` and its ``encode_prompts(prompts, images)`` takes the source
 images as fp32 ``[B, 3, R, R]`` in [0, 1] at the sample resolution (:class:`SourceImages` loads and caches them).
@@ -49,27 +51,76 @@ def source_of(metadata: Mapping[str, Any], where: str = "metadata") -> str:
 
 def resolve_sources(prompts: PromptSet, root: str | os.PathLike, spec: str = "prompts",
                     require: bool = False) -> PromptSet:
-    """Make every row's ``image`` path absolute (relative ones are taken from ``root``) and check that the files
-    exist. ``require``: every row must have a source (edit models). Rows are modified in place; returns
-    ``prompts``. Missing files fail here, before any model is built, naming the first few and the fix."""
-    base = Path(root).expanduser()
+    """Make every row's ``image`` a local, absolute, checked path: relative ones are taken from ``root``; sources
+    on a storage URI (an ``s3://`` ``root``, or an ``s3://`` value) are fetched once into the local cache
+    (:func:`fetch_remote_sources`). ``require``: every row must have a source (edit models). Rows are modified in
+    place; returns ``prompts``. Missing files fail here, before any model is built, naming the first few and the fix."""
+    from flowgrpo import storage
+
+    remote_root = storage.is_s3(str(root))
+    base = None if remote_root else Path(root).expanduser()
     missing: list[str] = []
+    remote: dict[str, list[dict]] = {}  # URI -> the rows that use it
     for i, md in enumerate(prompts.metadata):
         if SOURCE_KEY not in md:
             if require:
                 source_of(md, f"{spec}: row {i + 1}")
             continue
-        path = Path(source_of(md, f"{spec}: row {i + 1}")).expanduser()
-        path = path if path.is_absolute() else base / path
+        src = source_of(md, f"{spec}: row {i + 1}")
+        if storage.is_s3(src) or (remote_root and not Path(src).is_absolute()):
+            remote.setdefault(src if storage.is_s3(src) else str(storage.join(str(root), src)), []).append(md)
+            continue
+        path = Path(src).expanduser()
+        path = path if path.is_absolute() or base is None else base / path
         md[SOURCE_KEY] = str(path.resolve())
         if not path.is_file():
             missing.append(str(path))
+    if remote:
+        local, gone = fetch_remote_sources(list(remote))
+        missing += gone
+        for uri, rows in remote.items():
+            for md in rows:
+                md[SOURCE_KEY] = str(local.get(uri, uri))
     if missing:
         raise FileNotFoundError(
             f"{spec}: {len(missing)} source image(s) do not exist, e.g. {missing[:3]}. Set data.image_root to the "
-            "folder that holds them, or generate them from the rows' t2i_prompt with "
+            "folder (or s3:// prefix) that holds them, or generate them from the rows' t2i_prompt with "
             f"`flowgrpo make-edit-sources {spec} <image_root> --model <text-to-image model>`.")
     return prompts
+
+
+def remote_cache_dir() -> Path:
+    """Where sources on storage URIs are kept: ``$FLOWGRPO_CACHE/edit_sources/remote`` (``~/.cache/flowgrpo`` by
+    default), mirroring ``bucket/key``."""
+    env = os.environ.get("FLOWGRPO_CACHE")
+    return (Path(env) if env else Path.home() / ".cache" / "flowgrpo") / "edit_sources" / "remote"
+
+
+def fetch_remote_sources(uris: Sequence[str], workers: int = 8) -> tuple[dict[str, Path], list[str]]:
+    """Download the objects ``uris`` (``s3://bucket/key``) into :func:`remote_cache_dir` (``<dir>/bucket/key``),
+    ``workers`` at a time; files already there are reused (source images are treated as immutable: a changed
+    object needs a new key or a cleared cache). Returns ({uri: local path}, [uris that do not exist])."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flowgrpo import storage
+
+    cache = remote_cache_dir()
+
+    def fetch(uri: str) -> tuple[str, Path | None]:
+        rel = uri[len("s3://"):].strip("/")
+        dest = cache / rel
+        if ".." in Path(rel).parts:
+            raise ValueError(f"source image URI {uri!r} must not contain '..'")
+        if not dest.is_file():
+            try:
+                storage.download_file(uri, dest)
+            except FileNotFoundError:
+                return uri, None
+        return uri, dest
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = list(pool.map(fetch, dict.fromkeys(uris)))
+    return {u: p for u, p in results if p is not None}, [u for u, p in results if p is None]
 
 
 def load_source_image(path: str | os.PathLike, resolution: int) -> np.ndarray:
@@ -167,10 +218,18 @@ def load_prompt_set(spec: str, image_root: str = "", edit: bool = False) -> Prom
 
     ps = load_prompts(spec)
     if edit or any(SOURCE_KEY in md for md in ps.metadata):
-        root = image_root or (str(Path(spec).parent) if not spec.startswith("builtin:") else ".")
-        resolve_sources(ps, root, spec, require=edit)
+        resolve_sources(ps, image_root or _folder_of(spec), spec, require=edit)
     return ps
 
 
-__all__ = ["SOURCE_KEY", "SourceImages", "T2I_KEY", "generate_sources", "is_edit", "load_prompt_set",
-           "load_source_image", "resolve_sources", "source_of"]
+def _folder_of(spec: str) -> str:
+    """The folder (or ``s3://`` prefix) of a prompt file; "." for built-in sets."""
+    if spec.startswith("builtin:"):
+        return "."
+    if spec.startswith("s3://"):
+        return spec.rsplit("/", 1)[0]
+    return str(Path(spec).parent)
+
+
+__all__ = ["SOURCE_KEY", "SourceImages", "T2I_KEY", "fetch_remote_sources", "generate_sources", "is_edit",
+           "load_prompt_set", "load_source_image", "remote_cache_dir", "resolve_sources", "source_of"]

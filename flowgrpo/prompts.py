@@ -48,14 +48,26 @@ def _builtin(name: str) -> PromptSet:
 
 
 def load_prompts(spec: str) -> PromptSet:
-    """``builtin:<name>``, or a path to a .txt / .jsonl file."""
+    """``builtin:<name>``, or a .txt / .jsonl file: a local path or a storage URI (``s3://bucket/key``, read with
+    :mod:`flowgrpo.storage`: a trainer pod reads its prompts from the same bucket as its model)."""
     if spec.startswith("builtin:"):
         return _builtin(spec.split(":", 1)[1])
-    path = Path(spec)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {spec!r} does not exist (data.train_prompts / data.test_prompts)")
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    if path.suffix == ".jsonl":
+    from flowgrpo import storage
+
+    if storage.is_s3(spec):
+        try:
+            text = storage.read_text(spec)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"prompt file {spec!r} does not exist (data.train_prompts / data.test_prompts)"
+                                    ) from None
+        suffix = Path(spec.rsplit("/", 1)[-1]).suffix
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt file {spec!r} does not exist (data.train_prompts / data.test_prompts)")
+        text, suffix = path.read_text(encoding="utf-8"), path.suffix
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if suffix == ".jsonl":
         rows = [json.loads(ln) for ln in lines]
         missing = [i for i, r in enumerate(rows) if "prompt" not in r]
         if missing:

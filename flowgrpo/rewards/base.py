@@ -19,6 +19,13 @@ KNOWN_REWARDS = frozenset({
 })
 
 
+#: metadata key of the reference image a reward compares with (an edit's source image: flowgrpo.edit.SOURCE_KEY)
+REFERENCE_KEY = "image"
+#: rewards that read ``metadata[REFERENCE_KEY]``; over HTTP the reference travels inline as a ``data:image/...``
+#: URI (the client inlines local files, the server opens no path a request names)
+REFERENCE_REWARDS = frozenset({"image_similarity"})
+
+
 @dataclass
 class RewardOutput:
     scores: np.ndarray  # [N] float64

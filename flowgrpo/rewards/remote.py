@@ -15,6 +15,8 @@ it serves); ``deqa`` exists only this way.
   scaled by a random factor in [0.5, 1]; a server's ``Retry-After`` is honoured), at most ``max_retries`` times per
   request and never after ``retry_budget_s`` seconds since the call began. Then, or at once for other statuses
   (400, 401, 404, ...), :class:`RewardServerError` names the URL, the reward and the last status or exception.
+* Reference images (``image_similarity``'s ``metadata["image"]``, an edit's source) given as local paths are sent
+  inline as ``data:`` URIs (:func:`portable_metadata`): the server may run in another pod and never opens paths.
 * Thread-safe: the recipe calls rewards from a thread pool; every thread gets its own pooled ``requests.Session``.
 * The API key (``api_key``, else ``api_key_file``, else the ``api_key_env`` environment variable) is sent as
   ``Authorization: Bearer``; it is never logged or shown in ``repr``.
@@ -37,7 +39,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from flowgrpo.rewards.base import RewardOutput, as_uint8
+from flowgrpo.rewards.base import REFERENCE_KEY, REFERENCE_REWARDS, RewardOutput, as_uint8
 
 log = logging.getLogger("flowgrpo.rewards.remote")
 
@@ -93,6 +95,40 @@ def encode_image(image: np.ndarray, fmt: str = "png", jpeg_quality: int = 95, pn
     else:
         raise ValueError(f"image_format must be 'png' or 'jpeg', got {fmt!r}")
     return buf.getvalue()
+
+
+def inline_image(path: str) -> str:
+    """A local image file as a ``data:image/<type>;base64,...`` URI (the file's bytes, not re-encoded)."""
+    import mimetypes
+
+    mime = mimetypes.guess_type(path)[0] or "image/png"
+    with open(path, "rb") as f:
+        return f"data:{mime};base64,{base64.b64encode(f.read()).decode('ascii')}"
+
+
+def portable_metadata(reward: str, metadata: Sequence[dict]) -> list[dict]:
+    """Metadata rows a server in another pod can use: for rewards that read a reference image
+    (:data:`~flowgrpo.rewards.base.REFERENCE_REWARDS`) a local path under ``REFERENCE_KEY`` goes inline as a data URI
+    (each file read once per call); for the others the path is dropped (they never read it, and the server would
+    refuse it)."""
+    inlined: dict[str, str] = {}
+    out = []
+    for i, md in enumerate(metadata):
+        row = dict(md)
+        ref = row.get(REFERENCE_KEY)
+        if isinstance(ref, (str, os.PathLike)) and not str(ref).startswith("data:"):
+            if reward not in REFERENCE_REWARDS:
+                del row[REFERENCE_KEY]
+            else:
+                path = str(ref)
+                if path not in inlined:
+                    if not os.path.isfile(path):
+                        raise FileNotFoundError(f"reward {reward!r}: metadata[{i}].{REFERENCE_KEY} = {path!r} is not a "
+                                                "local file; the reference image is sent inline to the reward server")
+                    inlined[path] = inline_image(path)
+                row[REFERENCE_KEY] = inlined[path]
+        out.append(row)
+    return out
 
 
 def _part(boundary: str, name: str, filename: str, ctype: str, data: bytes) -> tuple[bytes, bytes, bytes]:
@@ -216,7 +252,7 @@ class RemoteReward:
     def _encode(self, images: np.ndarray, prompts: Sequence[str], metadata: Sequence[dict]) -> tuple[bytes, str]:
         fmt = "jpeg" if self.image_format in ("jpeg", "jpg") else "png"
         blobs = [encode_image(im, fmt, self.jpeg_quality, self.png_compress_level) for im in images]
-        meta = {"reward": self.name, "prompts": list(prompts), "metadata": [dict(m) for m in metadata]}
+        meta = {"reward": self.name, "prompts": list(prompts), "metadata": portable_metadata(self.name, metadata)}
         if self.transport == "json":
             meta["images"] = [base64.b64encode(b).decode("ascii") for b in blobs]
             return json.dumps(meta, default=str).encode(), "application/json"

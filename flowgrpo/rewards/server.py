@@ -70,7 +70,7 @@ from PIL import Image
 
 import flowgrpo
 import flowgrpo.rewards  # noqa: F401  (runs the registrations)
-from flowgrpo.rewards.base import KNOWN_REWARDS, REGISTRY, RewardOutput, build_reward
+from flowgrpo.rewards.base import KNOWN_REWARDS, REFERENCE_KEY, REFERENCE_REWARDS, REGISTRY, RewardOutput, build_reward
 
 log = logging.getLogger("flowgrpo.reward_server")
 
@@ -374,6 +374,36 @@ def decode_images(items: Sequence[bytes | str], max_pixels: int) -> np.ndarray:
     return np.stack(arrays)
 
 
+_DATA_URI_PREFIX = "data:image/"
+
+
+def decode_references(metadata: Sequence[dict], max_pixels: int) -> list[dict]:
+    """For rewards that read a reference image (``REFERENCE_REWARDS``): every row's ``metadata[REFERENCE_KEY]`` must
+    be an inline ``data:image/...;base64,...`` PNG/JPEG and becomes uint8 [H, W, 3] (each distinct one decoded
+    once). A path or URL is refused with 400: the server never opens a file or a URL that a request names."""
+    decoded: dict[str, np.ndarray] = {}
+    out = []
+    for i, md in enumerate(metadata):
+        ref = md.get(REFERENCE_KEY)
+        where = f"metadata[{i}].{REFERENCE_KEY}"
+        if not isinstance(ref, str) or not ref.startswith(_DATA_URI_PREFIX) or ";base64," not in ref:
+            got = f"{ref!r:.80}" if isinstance(ref, str) else type(ref).__name__
+            raise HTTPError(400, f"{where}: the reference image must be inline, a data:image/png;base64,... URI; got "
+                                 f"{got} (the server opens no paths; flowgrpo's client inlines local files)",
+                            "bad_reference", index=i)
+        if ref not in decoded:
+            try:
+                raw = base64.b64decode(ref.split(";base64,", 1)[1], validate=True)
+            except (binascii.Error, ValueError) as e:
+                raise HTTPError(400, f"{where}: invalid base64 ({e})", "bad_reference", index=i) from None
+            try:
+                decoded[ref] = decode_image(raw, i, max_pixels)
+            except HTTPError as e:
+                raise HTTPError(e.status, f"{where} (reference): {e.message}", "bad_reference", index=i) from None
+        out.append({**md, REFERENCE_KEY: decoded[ref]})
+    return out
+
+
 def _json_dumps(obj: Any) -> bytes:
     def default(o: Any) -> Any:
         if isinstance(o, np.generic):
@@ -593,6 +623,12 @@ def create_app(reward_names: list[str], api_key: str | None, max_batch: int = 32
                 b.arriving(-1)
                 raise
             del blobs
+            if name in REFERENCE_REWARDS:
+                try:
+                    metadata = await loop.run_in_executor(decode_pool, decode_references, metadata, max_image_pixels)
+                except BaseException:
+                    b.arriving(-1)
+                    raise
             pieces = b.submit(images, prompts, metadata)
             try:
                 outs = [await asyncio.wrap_future(p.future) for p in pieces]

@@ -138,6 +138,37 @@ def test_http_scores_equal_in_process(transport):
             np.testing.assert_array_equal(out[k], loc[k])
 
 
+def test_reference_images_travel_inline_and_paths_are_refused(tmp_path):
+    """image_similarity on a server in another pod: the client sends each row's local source image inline (a data
+    URI), so remote scores equal in-process ones; other rewards get no path at all; a path sent by hand is refused
+    with 400 (the server never opens a path a request names)."""
+    from flowgrpo.rewards.testing import cached_tiny_clip
+
+    clip = {"model": str(cached_tiny_clip()), "device": "cpu"}
+    ims = _images(4, seed=3)
+    sources = []
+    for name, arr in (("a.png", ims[1]), ("b.jpg", ims[2])):
+        Image.fromarray(arr).save(tmp_path / name)
+        sources.append(str(tmp_path / name))
+    meta = [{"image": sources[i // 2], "tag": i} for i in range(4)]
+    prompts = ["p"] * 4
+    with serving(["image_similarity", JPEG], reward_options={"image_similarity": clip}) as (url, _):
+        with RemoteReward("image_similarity", url, api_key=KEY, chunk_size=3) as rr:
+            remote = rr(ims, prompts, meta)
+            with pytest.raises(FileNotFoundError, match="metadata\\[0\\].image"):
+                rr(ims[:1], prompts[:1], [{"image": str(tmp_path / "gone.png")}])
+        local = build_reward("image_similarity", **clip)(ims, prompts, meta)
+        np.testing.assert_allclose(remote.scores, local.scores, rtol=0, atol=1e-6)
+        assert remote.scores[1] > remote.scores[0] and remote.scores[1] > 0.999  # image 1 is its own source
+        assert meta[0]["image"] == sources[0]  # the caller's rows are not modified
+        with RemoteReward(JPEG, url, api_key=KEY) as rj:  # no reference reward: the path is dropped, not refused
+            np.testing.assert_array_equal(rj(ims, prompts, meta).scores, build_reward(JPEG)(ims, prompts, meta).scores)
+        for bad in ("/etc/hostname", "file:///etc/hostname", "data:image/png;base64,@@@", None):
+            r = _post(url, {"reward": "image_similarity", "images": [_b64png(ims[0])], "metadata": [{"image": bad}]})
+            assert r.status_code == 400 and r.json()["index"] == 0, r.text
+            assert "metadata[0].image" in r.json()["error"]
+
+
 def test_deqa_through_the_remote_protocol(monkeypatch):
     """deqa has no in-process implementation in this build: it exists through a server serving that name."""
     monkeypatch.setitem(REGISTRY, "deqa", MeanReward)  # stands in for the DeQA model on the server side

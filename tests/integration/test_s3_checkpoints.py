@@ -4,8 +4,6 @@ fresh output dir with bit-identical results, and interrupted or corrupt checkpoi
 from __future__ import annotations
 
 import json
-import socket
-import uuid
 from pathlib import Path
 
 import pytest
@@ -20,33 +18,9 @@ from flowgrpo.recipe import GRPORecipe, run_training
 FAST = ["sample.num_batches_per_epoch=2", "train.gradient_accumulation_steps=1", "train.checkpoint_every=1"]
 
 
-@pytest.fixture(scope="module")
-def moto_url():
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
 @pytest.fixture
-def bucket(moto_url, monkeypatch) -> str:
-    import boto3
-
-    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "MLFLOW_S3_ENDPOINT_URL"):
-        monkeypatch.delenv(var, raising=False)
-    for var, value in {"AWS_ENDPOINT_URL": moto_url, "AWS_ACCESS_KEY_ID": "AKIAFLOWGRPOTEST",
-                       "AWS_SECRET_ACCESS_KEY": "fake-secret", "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
-                       "NO_PROXY": "127.0.0.1,localhost"}.items():
-        monkeypatch.setenv(var, value)
-    name = f"ckpt-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3").create_bucket(Bucket=name)
-    return name
+def bucket(s3_bucket) -> str:
+    return s3_bucket
 
 
 def _records(out: Path) -> list[dict]:

@@ -52,6 +52,37 @@ def test_missing_sources_fail_before_any_model_naming_the_fix(tmp_path: Path) ->
     assert load_prompt_set(str(no_image)).metadata == [{"prompt": "edit"}]  # text-to-image: no source needed
 
 
+def test_prompts_and_sources_on_s3_are_fetched_once_into_the_cache(s3_bucket, tmp_path, monkeypatch) -> None:
+    """A PyTorchJob's pods share no disk: prompt file and sources on s3:// (relative to the prompt file's prefix, to
+    data.image_root, or absolute URIs) are fetched once into $FLOWGRPO_CACHE and then read from there."""
+    from flowgrpo import storage
+
+    monkeypatch.setenv("FLOWGRPO_CACHE", str(tmp_path / "cache"))
+    a, b = np.full((8, 8, 3), 10, np.uint8), np.full((6, 6, 3), 200, np.uint8)
+    for key, arr in {"data/generated_images/a.png": a, "other/b.png": b}.items():
+        storage.upload_file(_png(tmp_path / "src" / key, arr), f"s3://{s3_bucket}/{key}")
+    rows = [{"prompt": "edit a", "image": "generated_images/a.png"},
+            {"prompt": "edit a again", "image": "generated_images/a.png"},
+            {"prompt": "edit b", "image": f"s3://{s3_bucket}/other/b.png"}]
+    spec = f"s3://{s3_bucket}/data/train.jsonl"
+    storage.write_text(spec, "".join(json.dumps(r) + "\n" for r in rows))
+
+    ps = load_prompt_set(spec, edit=True)  # default root: the prompt file's prefix
+    assert ps.prompts == ["edit a", "edit a again", "edit b"]
+    paths = [Path(md["image"]) for md in ps.metadata]
+    assert paths[0] == paths[1] == tmp_path / "cache" / "edit_sources" / "remote" / s3_bucket / "data" / \
+        "generated_images" / "a.png"
+    assert np.array_equal(np.asarray(Image.open(paths[0])), a) and np.array_equal(np.asarray(Image.open(paths[2])), b)
+    # the cache serves later loads (the objects may go: nothing is downloaded again)
+    storage.delete(f"s3://{s3_bucket}/data/generated_images/a.png")
+    assert load_prompt_set(spec, edit=True).metadata[0]["image"] == str(paths[0])
+    # an explicit data.image_root prefix; a missing object fails before any model, naming its URI
+    with pytest.raises(FileNotFoundError, match=rf"s3://{s3_bucket}/elsewhere/generated_images/a.png.*image_root"):
+        load_prompt_set(spec, image_root=f"s3://{s3_bucket}/elsewhere", edit=True)
+    with pytest.raises(FileNotFoundError, match="data.train_prompts"):
+        load_prompts(f"s3://{s3_bucket}/data/none.jsonl")
+
+
 def test_load_source_image_center_crops_and_resizes(tmp_path: Path) -> None:
     arr = np.zeros((20, 40, 3), np.uint8)
     arr[:, 10:30] = (255, 0, 0)  # the centre square is red, the sides black
