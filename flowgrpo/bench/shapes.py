@@ -205,7 +205,6 @@ def train_variant(name: str, overrides: Sequence[str], model_path: str, *, cpu_b
               seeds_per_prompt=n_seeds, batch_size=e.batch_size)
     curve: list[dict[str, Any]] = []
     marks = [cpu_budget_s * (k + 1) / max(1, eval_points) for k in range(max(1, eval_points))]
-    cpu0, wall0 = _cpu_seconds(), time.perf_counter()
     cpu_used = wall_used = 0.0
     epoch = 0
     rewards: list[float] = []

@@ -242,17 +242,84 @@ def _tokenizers(spec: TinySpec):
 # ------------------------------------------------------------------------------------------------ pipeline
 
 
+def tiny_sd_vae(s: Any):
+    """An SD-style ``AutoencoderKL`` (SD3, FLUX) from a spec's ``vae_*``, ``latent_channels``, ``resolution``,
+    ``scaling_factor`` and ``shift_factor``; random weights from the current torch RNG."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(s.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(s.vae_channels),
+        block_out_channels=s.vae_channels,
+        layers_per_block=s.vae_layers_per_block,
+        latent_channels=s.latent_channels,
+        norm_num_groups=s.vae_norm_groups,
+        sample_size=s.resolution,
+        scaling_factor=s.scaling_factor,
+        shift_factor=s.shift_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def tiny_clip_config(s: Any, tok: Any, **extra: Any):
+    """A ``CLIPTextConfig`` from a spec's ``clip_*`` sizes and the offline tokenizer ``tok`` (``extra``: e.g. SD3's
+    ``projection_dim``)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tok),
+        hidden_size=s.clip_hidden,
+        intermediate_size=s.clip_intermediate,
+        num_hidden_layers=s.clip_layers,
+        num_attention_heads=s.clip_heads,
+        max_position_embeddings=tok.model_max_length,
+        **extra,
+        hidden_act="gelu",
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,  # != 2, so pooling takes the first eos position
+        pad_token_id=tok.pad_token_id,
+    )
+
+
+def tiny_t5_config(s: Any, tok: Any, d_model: int, config_class: Any = None):
+    """An encoder-only T5 config (``config_class``: ``T5Config`` by default, Wan's ``UMT5Config``) from a spec's
+    ``t5_*`` sizes, the offline tokenizer ``tok`` and the model width ``d_model``."""
+    if config_class is None:
+        from transformers import T5Config as config_class
+
+    return config_class(
+        vocab_size=len(tok),
+        d_model=d_model,
+        d_kv=s.t5_d_kv,
+        d_ff=s.t5_d_ff,
+        num_layers=s.t5_layers,
+        num_heads=s.t5_heads,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        is_encoder_decoder=False,
+        use_cache=False,
+    )
+
+
+def write_tiny_marker(out: Path, pipe: Any, spec_name: str, seed: int, code_version: int, settings: dict[str, Any],
+                      resolution: int, **extra: Any) -> None:
+    """``<out>/flowgrpo_tiny.json``: what a tiny model is (``extra`` first, e.g. its family), for loaders and caches."""
+    info = {**extra, "spec": spec_name, "seed": seed, "code_version": code_version, "resolution": resolution,
+            "transformer_params": sum(p.numel() for p in pipe.transformer.parameters()), "settings": settings}
+    (out / TINY_MARKER).write_text(json.dumps(info, indent=2) + "\n")
+
+
 def build_tiny_pipeline(spec_name: str = "tiny", seed: int = 0) -> "StableDiffusion3Pipeline":
     """A random-weight SD3 pipeline of spec ``spec_name``; weights are deterministic given ``seed`` (the global
     torch RNG is left untouched). Every component is in ``.eval()`` (T5 dropout would otherwise make outputs
     nondeterministic)."""
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
     s = get_spec(spec_name)
     tok, tok3 = _tokenizers(s)
@@ -271,50 +338,11 @@ def build_tiny_pipeline(spec_name: str = "tiny", seed: int = 0) -> "StableDiffus
             pooled_projection_dim=s.pooled_projection_dim,
             pos_embed_max_size=s.pos_embed_max_size,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * len(s.vae_channels),
-            up_block_types=("UpDecoderBlock2D",) * len(s.vae_channels),
-            block_out_channels=s.vae_channels,
-            layers_per_block=s.vae_layers_per_block,
-            latent_channels=s.latent_channels,
-            norm_num_groups=s.vae_norm_groups,
-            sample_size=s.resolution,
-            scaling_factor=s.scaling_factor,
-            shift_factor=s.shift_factor,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
-        clip_cfg = CLIPTextConfig(
-            vocab_size=len(tok),
-            hidden_size=s.clip_hidden,
-            intermediate_size=s.clip_intermediate,
-            num_hidden_layers=s.clip_layers,
-            num_attention_heads=s.clip_heads,
-            max_position_embeddings=tok.model_max_length,
-            projection_dim=s.clip_projection_dim,
-            hidden_act="gelu",
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,  # != 2, so pooling takes the first eos position
-            pad_token_id=tok.pad_token_id,
-        )
+        vae = tiny_sd_vae(s)
+        clip_cfg = tiny_clip_config(s, tok, projection_dim=s.clip_projection_dim)
         text_encoder = CLIPTextModelWithProjection(clip_cfg)
         text_encoder_2 = CLIPTextModelWithProjection(clip_cfg)
-        t5_cfg = T5Config(
-            vocab_size=len(tok3),
-            d_model=s.joint_attention_dim,
-            d_kv=s.t5_d_kv,
-            d_ff=s.t5_d_ff,
-            num_layers=s.t5_layers,
-            num_heads=s.t5_heads,
-            dropout_rate=0.0,
-            feed_forward_proj="gated-gelu",
-            pad_token_id=tok3.pad_token_id,
-            eos_token_id=tok3.eos_token_id,
-            is_encoder_decoder=False,
-            use_cache=False,
-        )
+        t5_cfg = tiny_t5_config(s, tok3, s.joint_attention_dim)
         text_encoder_3 = T5EncoderModel(t5_cfg)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=s.shift)
     for m in (transformer, vae, text_encoder, text_encoder_2, text_encoder_3):
@@ -341,15 +369,7 @@ def make_tiny_model(out_dir: str | os.PathLike, spec_name: str = "tiny", seed: i
     spec = get_spec(spec_name)
     pipe = build_tiny_pipeline(spec_name, seed)
     pipe.save_pretrained(out, safe_serialization=True)
-    info = {
-        "spec": spec_name,
-        "seed": seed,
-        "code_version": TINY_CODE_VERSION,
-        "resolution": spec.resolution,
-        "transformer_params": sum(p.numel() for p in pipe.transformer.parameters()),
-        "settings": dataclasses.asdict(spec),
-    }
-    (out / TINY_MARKER).write_text(json.dumps(info, indent=2) + "\n")
+    write_tiny_marker(out, pipe, spec_name, seed, TINY_CODE_VERSION, dataclasses.asdict(spec), spec.resolution)
     return out
 
 

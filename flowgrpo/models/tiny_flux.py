@@ -16,7 +16,6 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .tiny import (TINY_MARKER, build_clip_tokenizer, build_once, build_t5_tokenizer, default_cache_root,
-                   spec_cache_key)
+from .tiny import (build_clip_tokenizer, build_once, build_t5_tokenizer, default_cache_root, spec_cache_key,
+                   tiny_clip_config, tiny_sd_vae, tiny_t5_config, write_tiny_marker)
 
 if TYPE_CHECKING:  # diffusers takes seconds to import
     from diffusers import FluxPipeline
@@ -110,8 +109,8 @@ def build_tiny_flux_pipeline(spec_name: str = "tiny", seed: int = 0) -> "FluxPip
     """A random-weight FLUX pipeline of spec ``spec_name``; weights are deterministic given ``seed`` (the global
     torch RNG is left untouched). Every component is in ``.eval()``."""
     import diffusers
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5EncoderModel
 
     s = get_flux_spec(spec_name)
     if sum(s.axes_dims_rope) != s.head_dim:
@@ -134,51 +133,9 @@ def build_tiny_flux_pipeline(spec_name: str = "tiny", seed: int = 0) -> "FluxPip
             guidance_embeds=s.guidance_embeds,
             axes_dims_rope=s.axes_dims_rope,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * len(s.vae_channels),
-            up_block_types=("UpDecoderBlock2D",) * len(s.vae_channels),
-            block_out_channels=s.vae_channels,
-            layers_per_block=s.vae_layers_per_block,
-            latent_channels=s.latent_channels,
-            norm_num_groups=s.vae_norm_groups,
-            sample_size=s.resolution,
-            scaling_factor=s.scaling_factor,
-            shift_factor=s.shift_factor,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(clip_tok),
-                hidden_size=s.clip_hidden,
-                intermediate_size=s.clip_intermediate,
-                num_hidden_layers=s.clip_layers,
-                num_attention_heads=s.clip_heads,
-                max_position_embeddings=clip_tok.model_max_length,
-                hidden_act="gelu",
-                bos_token_id=clip_tok.bos_token_id,
-                eos_token_id=clip_tok.eos_token_id,  # != 2, so pooling takes the first eos position
-                pad_token_id=clip_tok.pad_token_id,
-            )
-        )
-        text_encoder_2 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(t5_tok),
-                d_model=s.t5_d_model,
-                d_kv=s.t5_d_kv,
-                d_ff=s.t5_d_ff,
-                num_layers=s.t5_layers,
-                num_heads=s.t5_heads,
-                dropout_rate=0.0,
-                feed_forward_proj="gated-gelu",
-                pad_token_id=t5_tok.pad_token_id,
-                eos_token_id=t5_tok.eos_token_id,
-                is_encoder_decoder=False,
-                use_cache=False,
-            )
-        )
+        vae = tiny_sd_vae(s)
+        text_encoder = CLIPTextModel(tiny_clip_config(s, clip_tok))
+        text_encoder_2 = T5EncoderModel(tiny_t5_config(s, t5_tok, s.t5_d_model))
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,
         shift=s.shift,
@@ -209,16 +166,8 @@ def make_tiny_flux_model(out_dir: str | os.PathLike, seed: int = 0, spec_name: s
     spec = get_flux_spec(spec_name)
     pipe = build_tiny_flux_pipeline(spec_name, seed)
     pipe.save_pretrained(out, safe_serialization=True)
-    info = {
-        "family": _FAMILY[spec.pipeline],
-        "spec": spec_name,
-        "seed": seed,
-        "code_version": TINY_FLUX_CODE_VERSION,
-        "resolution": spec.resolution,
-        "transformer_params": sum(p.numel() for p in pipe.transformer.parameters()),
-        "settings": dataclasses.asdict(spec),
-    }
-    (out / TINY_MARKER).write_text(json.dumps(info, indent=2) + "\n")
+    write_tiny_marker(out, pipe, spec_name, seed, TINY_FLUX_CODE_VERSION, dataclasses.asdict(spec), spec.resolution,
+                      family=_FAMILY[spec.pipeline])
     return out
 
 

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .tiny import TINY_MARKER, build_once, default_cache_root, spec_cache_key
+from .tiny import build_once, default_cache_root, spec_cache_key, write_tiny_marker
 
 if TYPE_CHECKING:  # diffusers takes seconds to import
     from diffusers import QwenImagePipeline
@@ -317,17 +317,9 @@ def make_tiny_qwen_image_model(out_dir: str | os.PathLike, seed: int = 0, spec_n
         save_edit_pipeline(pipe, out)  # its video-less processor cannot save itself
     else:
         pipe.save_pretrained(out, safe_serialization=True)
-    info = {
-        "family": "qwen_image_edit" if spec.edit else "qwen_image",
-        "spec": spec_name,
-        "seed": seed,
-        "code_version": TINY_QWEN_IMAGE_CODE_VERSION,
-        "resolution": spec.resolution,
-        **({"source_resolution": spec.resolution} if spec.edit else {}),
-        "transformer_params": sum(p.numel() for p in pipe.transformer.parameters()),
-        "settings": dataclasses.asdict(spec),
-    }
-    (out / TINY_MARKER).write_text(json.dumps(info, indent=2) + "\n")
+    write_tiny_marker(out, pipe, spec_name, seed, TINY_QWEN_IMAGE_CODE_VERSION, dataclasses.asdict(spec),
+                      spec.resolution, family="qwen_image_edit" if spec.edit else "qwen_image",
+                      **({"source_resolution": spec.resolution} if spec.edit else {}))
     return out
 
 

@@ -18,7 +18,6 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .tiny import TINY_MARKER, build_once, build_t5_tokenizer, default_cache_root, spec_cache_key
+from .tiny import build_once, build_t5_tokenizer, default_cache_root, spec_cache_key, tiny_t5_config, write_tiny_marker
 
 if TYPE_CHECKING:  # diffusers takes seconds to import
     from diffusers import WanPipeline
@@ -125,22 +124,7 @@ def build_tiny_wan_pipeline(spec_name: str = "tiny", seed: int = 0) -> "WanPipel
             num_res_blocks=s.vae_num_res_blocks,
             temperal_downsample=list(s.vae_temporal_downsample),
         )
-        text_encoder = UMT5EncoderModel(
-            UMT5Config(
-                vocab_size=len(tok),
-                d_model=s.t5_d_model,
-                d_kv=s.t5_d_kv,
-                d_ff=s.t5_d_ff,
-                num_layers=s.t5_layers,
-                num_heads=s.t5_heads,
-                dropout_rate=0.0,
-                feed_forward_proj="gated-gelu",
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
-                is_encoder_decoder=False,
-                use_cache=False,
-            )
-        )
+        text_encoder = UMT5EncoderModel(tiny_t5_config(s, tok, s.t5_d_model, UMT5Config))
     scheduler = UniPCMultistepScheduler(
         num_train_timesteps=1000,
         prediction_type="flow_prediction",
@@ -160,17 +144,8 @@ def make_tiny_wan_model(out_dir: str | os.PathLike, seed: int = 0, spec_name: st
     spec = get_wan_spec(spec_name)
     pipe = build_tiny_wan_pipeline(spec_name, seed)
     pipe.save_pretrained(out, safe_serialization=True)
-    info = {
-        "family": "wan",
-        "spec": spec_name,
-        "seed": seed,
-        "code_version": TINY_WAN_CODE_VERSION,
-        "resolution": spec.resolution,
-        "num_frames": spec.num_frames,
-        "transformer_params": sum(p.numel() for p in pipe.transformer.parameters()),
-        "settings": dataclasses.asdict(spec),
-    }
-    (out / TINY_MARKER).write_text(json.dumps(info, indent=2) + "\n")
+    write_tiny_marker(out, pipe, spec_name, seed, TINY_WAN_CODE_VERSION, dataclasses.asdict(spec), spec.resolution,
+                      family="wan", num_frames=spec.num_frames)
     return out
 
 

@@ -14,7 +14,6 @@ import logging
 import math
 import re
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import yaml

@@ -82,7 +82,7 @@ def test_compiled_transformer_samples_and_trains_like_eager(tiny_cfg, tmp_path):
             runs[compiled] = samples.traj, stats, record, weights
         finally:
             r.cleanup()
-    (t_e, _, rec_e, w_e), (t_c, stats_c, rec_c, w_c) = runs[False], runs[True]
+    (t_e, _, _, w_e), (t_c, stats_c, rec_c, w_c) = runs[False], runs[True]
     torch.testing.assert_close(t_c.latents, t_e.latents, rtol=0, atol=1e-4)
     torch.testing.assert_close(t_c.log_probs, t_e.log_probs, rtol=1e-4, atol=1e-4)
     assert abs(stats_c["ratio_mean"].item() - 1.0) < 1e-4 and stats_c["kl"].item() < 1e-8
