@@ -70,7 +70,7 @@ def bench_rollout(args: Any) -> dict[str, Any]:
         gen = torch.Generator().manual_seed(seed0)
         with eager(adapter):  # a plain diffusers pipeline: never the compiled transformer
             return pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, height=res, width=res,
-                    max_sequence_length=adapter.max_sequence_length, output_type="pt", generator=gen).images
+                        max_sequence_length=adapter.max_sequence_length, output_type="pt", generator=gen).images
 
     adapter.decode = decode  # instance attributes: rollout() calls adapter.decode(x) and adapter.velocity(...)
     try:

@@ -13,6 +13,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from tests.unit.adapter_checks import perturb, velocity_inputs  # noqa: E402
 from flowgrpo.models import ModelAdapter, loading  # noqa: E402
 from flowgrpo.models import tiny_flux  # noqa: E402
 from flowgrpo.models.flux import (  # noqa: E402
@@ -40,19 +41,7 @@ def adapter(tiny_flux_dir: Path) -> FluxAdapter:
 
 @pytest.fixture
 def inputs(adapter: FluxAdapter):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, *adapter.latent_shape(64), generator=g)  # [2, 16, 8, 8]
-    sigma = torch.tensor([0.9, 0.4])
-    cond = adapter.encode_prompts(["a photo of a cat", "two dogs"])
-    neg = adapter.encode_prompts([""])
-    return x, sigma, cond, neg
-
-
-def _perturb(params, scale: float = 0.2) -> None:
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in params:
-            p.add_(scale * torch.randn(p.shape, generator=g))
+    return velocity_inputs(adapter)
 
 
 def _record_calls(module):
@@ -287,7 +276,7 @@ def test_bf16_frozen_base_with_fp32_lora(tiny_flux_dir: Path, inputs) -> None:
     lora = dict(a._trainable_named())
     assert lora and all(p.dtype == torch.float32 for p in lora.values())
     assert all(p.dtype == torch.bfloat16 for n, p in a.transformer.named_parameters() if n not in lora)
-    _perturb(a.trainable_parameters(), 0.05)
+    perturb(a.trainable_parameters(), 0.05)
     with torch.no_grad():
         v1, v2 = (a.velocity(x, sigma, cond, 3.5) for _ in range(2))
     assert v1.dtype == torch.float32 and torch.equal(v1, v2) and torch.isfinite(v1).all()
@@ -316,7 +305,7 @@ def test_lora_targets_init_and_reference(adapter: FluxAdapter, inputs) -> None:
     assert adapter.lora_config.lora_alpha == 8 and adapter.lora_config.r == 4
     with torch.no_grad():
         assert torch.equal(adapter.velocity(x, sigma, cond, 3.5), v0)  # B = 0 at init
-    _perturb(adapter.trainable_parameters())
+    perturb(adapter.trainable_parameters())
     with torch.no_grad():
         v1 = adapter.velocity(x, sigma, cond, 3.5)
         with adapter.reference():
@@ -338,7 +327,7 @@ def test_full_finetune_reference(tiny_flux_dir: Path, inputs) -> None:
     assert len(a.trainable_parameters()) == len(list(a.transformer.parameters()))
     with torch.no_grad():
         v0 = a.velocity(x, sigma, cond, 3.5)
-    _perturb(a.trainable_parameters())
+    perturb(a.trainable_parameters())
     with torch.no_grad():
         with a.reference():
             v_ref = a.velocity(x, sigma, cond, 3.5, model=lambda **kw: pytest.fail("reference must use the copy"))
@@ -358,7 +347,7 @@ def test_trainable_state_save_load_roundtrip(adapter: FluxAdapter, inputs, tmp_p
 
     x, sigma, cond, _ = inputs
     adapter.add_lora(4, 4)
-    _perturb(adapter.trainable_parameters())
+    perturb(adapter.trainable_parameters())
     state = adapter.trainable_state_dict()
     assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in state.values())
     save_file(state, str(tmp_path / "trainable.safetensors"))
@@ -382,7 +371,7 @@ def test_save_pretrained_merges_lora(adapter: FluxAdapter, inputs, tmp_path: Pat
 
     x, sigma, cond, _ = inputs
     adapter.add_lora(4, 16)
-    _perturb(adapter.trainable_parameters(), 0.1)
+    perturb(adapter.trainable_parameters(), 0.1)
     before = {k: t.clone() for k, t in adapter.transformer.state_dict().items()}
     with torch.no_grad():
         v_lora = adapter.velocity(x, sigma, cond, 3.5)

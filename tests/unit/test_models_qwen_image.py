@@ -14,6 +14,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from tests.unit.adapter_checks import perturb, velocity_inputs  # noqa: E402
 from flowgrpo.models import ModelAdapter, loading  # noqa: E402
 from flowgrpo.models import tiny_qwen_image as tq  # noqa: E402
 from flowgrpo.models.flux import pack_latents, unpack_latents  # noqa: E402
@@ -41,19 +42,7 @@ def adapter(tiny_qwen_dir: Path) -> QwenImageAdapter:
 
 @pytest.fixture
 def inputs(adapter: QwenImageAdapter):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, *adapter.latent_shape(64), generator=g)  # [2, 16, 8, 8]
-    sigma = torch.tensor([0.9, 0.4])
-    cond = adapter.encode_prompts(["a photo of a cat", "two dogs"])
-    neg = adapter.encode_prompts([" "])
-    return x, sigma, cond, neg
-
-
-def _perturb(params, scale: float = 0.2) -> None:
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in params:
-            p.add_(scale * torch.randn(p.shape, generator=g))
+    return velocity_inputs(adapter, negative_prompt=" ")
 
 
 def _record_calls(module):
@@ -298,7 +287,7 @@ def test_velocity_bf16_autocast_is_deterministic_fp32(tiny_qwen_dir: Path, input
     lora = dict(a._trainable_named())
     assert lora and all(p.dtype == torch.float32 for p in lora.values())
     assert all(p.dtype == torch.bfloat16 for n, p in a.transformer.named_parameters() if ".lora_" not in n)
-    _perturb(a.trainable_parameters(), 0.05)
+    perturb(a.trainable_parameters(), 0.05)
     with torch.no_grad():
         v1, v2 = (a.velocity(x, sigma, cond, 4.0, negative=neg) for _ in range(2))
     assert v1.dtype == torch.float32 and torch.equal(v1, v2) and torch.isfinite(v1).all()
@@ -326,7 +315,7 @@ def test_lora_targets_init_and_reference(adapter: QwenImageAdapter, inputs) -> N
     assert frozen and all(n.startswith(unused) for n in frozen) and not any(n.startswith(unused) for n in names)
     with torch.no_grad():
         assert torch.equal(adapter.velocity(x, sigma, cond, 4.0, negative=neg), v0)  # B = 0 at init
-    _perturb(adapter.trainable_parameters())
+    perturb(adapter.trainable_parameters())
     with torch.no_grad():
         v1 = adapter.velocity(x, sigma, cond, 4.0, negative=neg)
         with adapter.reference():
@@ -348,7 +337,7 @@ def test_full_finetune_reference_and_unused_parameters(adapter: QwenImageAdapter
     a.velocity(x, sigma, cond, 4.0, negative=neg).square().mean().backward()
     assert all(p.grad is not None and p.grad.any() for p in params)  # every trainable parameter learns (DDP-safe)
     assert all(p.grad is None for p in a.transformer.parameters() if not p.requires_grad)
-    _perturb(params)
+    perturb(params)
     with torch.no_grad():
         with a.reference():
             v_ref = a.velocity(x, sigma, cond, 4.0, negative=neg)
@@ -362,7 +351,7 @@ def test_trainable_state_roundtrip_and_save_pretrained(adapter: QwenImageAdapter
 
     x, sigma, cond, neg = inputs
     adapter.add_lora(4, 16)
-    _perturb(adapter.trainable_parameters(), 0.1)
+    perturb(adapter.trainable_parameters(), 0.1)
     state = adapter.trainable_state_dict()
     assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in state.values())
     with torch.no_grad():

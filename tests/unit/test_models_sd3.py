@@ -13,6 +13,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from tests.unit.adapter_checks import perturb, velocity_inputs  # noqa: E402
 from flowgrpo.models import ModelAdapter, load_adapter, resolve_model_path  # noqa: E402
 from flowgrpo.models import loading, tiny  # noqa: E402
 from flowgrpo.models.sd3 import SD3_LORA_TARGETS, SD3Adapter  # noqa: E402
@@ -27,19 +28,7 @@ def adapter(tiny_model_dir: Path) -> SD3Adapter:
 
 @pytest.fixture
 def inputs(adapter: SD3Adapter):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, *adapter.latent_shape(64), generator=g)  # [2, 16, 8, 8]
-    sigma = torch.tensor([0.9, 0.4])
-    cond = adapter.encode_prompts(["a photo of a cat", "two dogs"])
-    neg = adapter.encode_prompts([""])
-    return x, sigma, cond, neg
-
-
-def _perturb(params, scale: float = 0.2) -> None:
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in params:
-            p.add_(scale * torch.randn(p.shape, generator=g))
+    return velocity_inputs(adapter)
 
 
 # ---------------------------------------------------------------------------------------------- tiny models
@@ -202,7 +191,7 @@ def test_lora_trainable_init_and_reference(adapter: SD3Adapter, inputs) -> None:
     assert adapter.lora_config.lora_alpha == 8 and adapter.lora_config.r == 4
     with torch.no_grad():
         assert torch.equal(adapter.velocity(x, sigma, cond, 4.5, negative=neg), v0)  # B = 0 at init
-    _perturb(adapter.trainable_parameters())
+    perturb(adapter.trainable_parameters())
     with torch.no_grad():
         v1 = adapter.velocity(x, sigma, cond, 4.5, negative=neg)
         with adapter.reference():
@@ -223,7 +212,7 @@ def test_full_finetune_reference(tiny_model_dir: Path, inputs) -> None:
     assert len(a.trainable_parameters()) == len(list(a.transformer.parameters()))
     with torch.no_grad():
         v0 = a.velocity(x, sigma, cond, 1.0)
-    _perturb(a.trainable_parameters())
+    perturb(a.trainable_parameters())
     with torch.no_grad():
         with a.reference():
             v_ref = a.velocity(x, sigma, cond, 1.0, model=lambda **kw: pytest.fail("reference must use the copy"))
@@ -236,12 +225,12 @@ def test_full_finetune_reference(tiny_model_dir: Path, inputs) -> None:
 def test_trainable_state_dict_roundtrip(adapter: SD3Adapter, inputs) -> None:
     x, sigma, cond, _ = inputs
     adapter.add_lora(4, 4, SD3_LORA_TARGETS)
-    _perturb(adapter.trainable_parameters())
+    perturb(adapter.trainable_parameters())
     state = adapter.trainable_state_dict()
     assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in state.values())
     with torch.no_grad():
         v1 = adapter.velocity(x, sigma, cond, 1.0)
-        _perturb(adapter.trainable_parameters())
+        perturb(adapter.trainable_parameters())
         assert not torch.equal(adapter.velocity(x, sigma, cond, 1.0), v1)
     adapter.load_trainable_state_dict(state)
     with torch.no_grad():
@@ -256,7 +245,7 @@ def test_save_pretrained_merges_lora(adapter: SD3Adapter, inputs, tmp_path: Path
 
     x, sigma, cond, neg = inputs
     adapter.add_lora(4, 16, SD3_LORA_TARGETS)
-    _perturb(adapter.trainable_parameters(), 0.1)
+    perturb(adapter.trainable_parameters(), 0.1)
     before = {k: t.clone() for k, t in adapter.transformer.state_dict().items()}
     with torch.no_grad():
         v_lora = adapter.velocity(x, sigma, cond, 4.5, negative=neg)

@@ -14,6 +14,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from tests.unit.adapter_checks import perturb, velocity_inputs  # noqa: E402
 from flowgrpo.models import ModelAdapter, loading, tiny_wan  # noqa: E402
 from flowgrpo.models.tiny import TINY_MARKER  # noqa: E402
 from flowgrpo.models.wan import DEFAULT_NUM_FRAMES, WAN_LORA_TARGETS, WanAdapter, wan_sigmas  # noqa: E402
@@ -34,19 +35,7 @@ def adapter(tiny_wan_dir: Path) -> WanAdapter:
 
 @pytest.fixture
 def inputs(adapter: WanAdapter):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, *adapter.latent_shape(RES), generator=g)  # [2, 16, 2, 4, 4]
-    sigma = torch.tensor([0.9, 0.4])
-    cond = adapter.encode_prompts(["a photo of a cat", "two dogs"])
-    neg = adapter.encode_prompts([""])
-    return x, sigma, cond, neg
-
-
-def _perturb(params, scale: float = 0.2) -> None:
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in params:
-            p.add_(scale * torch.randn(p.shape, generator=g))
+    return velocity_inputs(adapter, RES)
 
 
 # ---------------------------------------------------------------------------------------------- tiny model
@@ -219,7 +208,7 @@ def test_lora_identity_reference_and_state_roundtrip(adapter: WanAdapter, inputs
     assert not any(".ffn." in n for n in names)
     with torch.no_grad():
         assert torch.equal(adapter.velocity(x, sigma, cond, 1.0), v0)  # B = 0 at init
-    _perturb(adapter.trainable_parameters())
+    perturb(adapter.trainable_parameters())
     with torch.no_grad():
         v1 = adapter.velocity(x, sigma, cond, 1.0)
         with adapter.reference():
@@ -246,7 +235,7 @@ def test_full_finetune_reference(tiny_wan_dir: Path, inputs) -> None:
     assert len(a.trainable_parameters()) == len(list(a.transformer.parameters()))
     with torch.no_grad():
         v0 = a.velocity(x, sigma, cond, 1.0)
-    _perturb(a.trainable_parameters())
+    perturb(a.trainable_parameters())
     with torch.no_grad():
         with a.reference():
             v_ref = a.velocity(x, sigma, cond, 1.0, model=lambda **kw: pytest.fail("reference must use the copy"))
@@ -260,7 +249,7 @@ def test_save_pretrained_merges_lora_and_reloads_as_wan_pipeline(adapter: WanAda
 
     x, sigma, cond, _ = inputs
     adapter.add_lora(4, 16)
-    _perturb(adapter.trainable_parameters(), 0.1)
+    perturb(adapter.trainable_parameters(), 0.1)
     with torch.no_grad():
         v_lora = adapter.velocity(x, sigma, cond, 1.0)
     adapter.save_pretrained(tmp_path / "out")
