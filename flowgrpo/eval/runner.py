@@ -74,6 +74,10 @@ class EvalSettings:
     threads: int = 0
     #: video families: frames per clip (0 = the model's default)
     num_frames: int = 0
+    #: the training config's ``model.compile`` (same math, fused kernels) and ``malloc_tune`` (CPU only); neither
+    #: changes the images beyond fp32 rounding, so neither is part of :meth:`fingerprint`
+    compile: bool = False
+    malloc_tune: bool = True
 
     @classmethod
     def from_config(cls, cfg: Any, **changes: Any) -> EvalSettings:
@@ -81,7 +85,8 @@ class EvalSettings:
         s = cls(num_steps=e.num_steps, guidance_scale=e.guidance_scale, resolution=cfg.sample.resolution,
                 batch_size=e.batch_size, num_prompts=e.num_prompts, seed=cfg.seed,
                 device="cpu" if cfg.device == "cpu" else "auto", mixed_precision=cfg.model.mixed_precision,
-                max_sequence_length=cfg.model.max_sequence_length, num_frames=cfg.model.num_frames)
+                max_sequence_length=cfg.model.max_sequence_length, num_frames=cfg.model.num_frames,
+                compile=cfg.model.compile, malloc_tune=cfg.malloc_tune)
         for k, v in changes.items():
             if v is not None:
                 setattr(s, k, v)
@@ -155,11 +160,19 @@ class Sampler:
         from flowgrpo.recipe import pick_device
 
         device = pick_device(settings.device)
+        if device.type == "cpu" and settings.malloc_tune:
+            from flowgrpo.runtime import tune_malloc
+
+            tune_malloc()
         adapter = load_adapter(family, uri, revision=revision, device=str(device),
                                mixed_precision=settings.mixed_precision,
                                max_sequence_length=settings.max_sequence_length, needs_reference=False,
                                cache_dir=cache_dir)
         adapter.transformer.eval()
+        if settings.compile:
+            from flowgrpo.runtime import compile_module
+
+            compile_module(adapter.transformer)
         return cls(adapter, settings)
 
     def __call__(self, prompts: Sequence[str], seeds: Sequence[int],

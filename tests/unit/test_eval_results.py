@@ -339,3 +339,19 @@ def test_shapes_suite_or_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "flowgrpo.eval.shapes", None)
     with pytest.raises(SuiteError, match="flowgrpo.eval.shapes"):
         build_suite("shapes", num_prompts=6)
+
+
+def test_settings_follow_the_training_config_speed_settings(tiny_model_dir):
+    """model.compile / malloc_tune of the training config reach the evaluation's sampler; they are not part of the
+    fingerprint (same images up to fp32 rounding), so cached results stay valid."""
+    from flowgrpo.config import load_config
+    from flowgrpo.eval.runner import Sampler
+    from flowgrpo.runtime import is_compiled
+
+    preset = Path(__file__).resolve().parents[2] / "configs" / "tiny_cpu.yaml"
+    s = EvalSettings.from_config(load_config(preset, ["model.compile=true", "malloc_tune=false"]))
+    assert s.compile is True and s.malloc_tune is False
+    assert s.fingerprint() == EvalSettings.from_config(load_config(preset)).fingerprint()
+    assert is_compiled(Sampler.load(str(tiny_model_dir), s).adapter.transformer)
+    plain = EvalSettings.from_config(load_config(preset))
+    assert not is_compiled(Sampler.load(str(tiny_model_dir), plain).adapter.transformer)
