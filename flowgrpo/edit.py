@@ -92,8 +92,9 @@ def resolve_sources(prompts: PromptSet, root: str | os.PathLike, spec: str = "pr
 def remote_cache_dir() -> Path:
     """Where sources on storage URIs are kept: ``$FLOWGRPO_CACHE/edit_sources/remote`` (``~/.cache/flowgrpo`` by
     default), mirroring ``bucket/key``."""
-    env = os.environ.get("FLOWGRPO_CACHE")
-    return (Path(env) if env else Path.home() / ".cache" / "flowgrpo") / "edit_sources" / "remote"
+    from flowgrpo.storage import cache_root
+
+    return cache_root() / "edit_sources" / "remote"
 
 
 def fetch_remote_sources(uris: Sequence[str], workers: int = 8) -> tuple[dict[str, Path], list[str]]:

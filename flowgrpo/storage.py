@@ -140,6 +140,12 @@ def configure(new: S3Settings | None = None, **changes: Any) -> S3Settings:
 
 
 # ------------------------------------------------------------------------------------------ locations
+def cache_root() -> Path:
+    """flowgrpo's local cache root: ``$FLOWGRPO_CACHE`` if set, else ``~/.cache/flowgrpo`` (models, fetched inputs)."""
+    env = os.environ.get("FLOWGRPO_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "flowgrpo"
+
+
 def is_s3(uri: Location) -> bool:
     return isinstance(uri, str) and uri.startswith("s3://")
 

@@ -57,9 +57,9 @@ def edit_rows(split: str) -> list[dict[str, Any]]:
 
 
 def source_dir() -> Path:
-    env = os.environ.get("FLOWGRPO_CACHE")
-    root = Path(env) if env else Path.home() / ".cache" / "flowgrpo"
-    return root / "edit_sources" / f"shapes_edit-{SHAPES_EDIT_VERSION}"
+    from flowgrpo.storage import cache_root
+
+    return cache_root() / "edit_sources" / f"shapes_edit-{SHAPES_EDIT_VERSION}"
 
 
 def render_sources(rows: list[dict[str, Any]], out_dir: str | os.PathLike) -> Path:

@@ -397,8 +397,9 @@ def tiny_cache_key(spec_name: str, seed: int = 0) -> str:
 
 def default_cache_root() -> Path:
     """``$FLOWGRPO_CACHE/models`` if ``FLOWGRPO_CACHE`` is set, else ``~/.cache/flowgrpo/models``."""
-    env = os.environ.get("FLOWGRPO_CACHE")
-    return (Path(env) if env else Path.home() / ".cache" / "flowgrpo") / "models"
+    from flowgrpo.storage import cache_root
+
+    return cache_root() / "models"
 
 
 def spec_cache_key(prefix: str, family: str, spec: dict[str, Any], seed: int, code_version: int) -> str:
