@@ -51,7 +51,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -97,6 +97,7 @@ MIN_AREA_FRAC, MIN_AREA = 0.003, 6  # components smaller than max(MIN_AREA, MIN_
 MIN_SOLIDITY = 0.6  # ... and so are those whose pixels fill less than this of their hole-filled area (rings)
 MAX_ASPECT = 1.5  # a component whose box is more elongated than this is no shape
 MAX_SHAPE_DIST = 0.25  # ... nor one whose features are this far from every prototype
+PROXIMITY_SCALE = 0.5  # shape_proximity: a component this far from the requested prototype scores 0
 #: shape prototypes in feature space (fill ratio of the box, half-vs-half area asymmetry)
 PROTOTYPES: dict[str, tuple[float, float]] = {"square": (1.0, 0.0), "circle": (math.pi / 4, 0.0),
                                               "triangle": (0.5, 0.5)}
@@ -513,23 +514,17 @@ def classify_shape(mask: np.ndarray) -> tuple[str | None, float]:
     return best, 0.5 + 0.5 * min(1.0, margin / 0.3)
 
 
-def detect(image: np.ndarray, *, min_area: float | None = None, max_dist: float = MAX_COLOR_DIST,
-           masks: bool = False) -> list[Detection]:
-    """Rule-based detections of one uint8 [H, W, 3] image: the connected components (8-connected) of each
-    palette colour in :func:`segment` with at least ``min_area`` pixels (default max(6, 0.003 * H * W)); holes are
-    filled, rings (pixels < 0.6 of the filled area, e.g. a rim of blended colour) dropped, noise pixels stuck to
-    an edge trimmed (:func:`trim_protrusions`), and the rest classified by :func:`classify_shape` (components
-    that resemble no shape are dropped). Each is a
-    :class:`~flowgrpo.rewards.geneval.rules.Detection` with ``cls`` = shape, ``score`` = confidence, ``box`` =
-    (x0, y0, x1, y1) with x1/y1 exclusive, ``color`` = palette name and ``mask`` (bool [H, W]) when
-    ``masks=True``. Sorted by (y0, x0)."""
+def _components(image: np.ndarray, min_area: float | None,
+                max_dist: float) -> Iterator[tuple[int, np.ndarray, tuple[int, int, int, int]]]:
+    """The candidate objects of :func:`detect`: per palette colour of :func:`segment`, its 8-connected components
+    with at least ``min_area`` pixels (default max(6, 0.003 * H * W)), holes filled, rings dropped, edge noise
+    trimmed. Yields (colour index, bool mask cropped to its box, box (x0, y0, x1, y1) exclusive)."""
     from scipy import ndimage  # the detector alone needs scipy (the "rewards" extra); prompts and rendering don't
 
     labels = segment(image, max_dist)
     h, w = labels.shape
     thr = max(MIN_AREA, MIN_AREA_FRAC * h * w) if min_area is None else float(min_area)
     eight = np.ones((3, 3), dtype=bool)
-    out: list[Detection] = []
     for k in np.unique(labels):
         if k < 0:
             continue
@@ -545,19 +540,55 @@ def detect(image: np.ndarray, *, min_area: float | None = None, max_dist: float 
             crop = trim_protrusions(crop)
             rows, cols = np.flatnonzero(crop.any(1)), np.flatnonzero(crop.any(0))
             crop = crop[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-            shape, conf = classify_shape(crop)
-            if shape is None:
-                continue
             y0, x0 = sl[0].start + int(rows[0]), sl[1].start + int(cols[0])
-            y1, x1 = sl[0].start + int(rows[-1]) + 1, sl[1].start + int(cols[-1]) + 1
-            box = (float(x0), float(y0), float(x1), float(y1))
-            full = None
-            if masks:
-                full = np.zeros((h, w), dtype=bool)
-                full[y0:y1, x0:x1] = crop
-            out.append(Detection(shape, float(conf), box, full, COLORS[int(k)]))
+            yield int(k), crop, (x0, y0, x0 + crop.shape[1], y0 + crop.shape[0])
+
+
+def detect(image: np.ndarray, *, min_area: float | None = None, max_dist: float = MAX_COLOR_DIST,
+           masks: bool = False) -> list[Detection]:
+    """Rule-based detections of one uint8 [H, W, 3] image: the connected components (8-connected) of each
+    palette colour in :func:`segment` with at least ``min_area`` pixels (default max(6, 0.003 * H * W)); holes are
+    filled, rings (pixels < 0.6 of the filled area, e.g. a rim of blended colour) dropped, noise pixels stuck to
+    an edge trimmed (:func:`trim_protrusions`), and the rest classified by :func:`classify_shape` (components
+    that resemble no shape are dropped). Each is a
+    :class:`~flowgrpo.rewards.geneval.rules.Detection` with ``cls`` = shape, ``score`` = confidence, ``box`` =
+    (x0, y0, x1, y1) with x1/y1 exclusive, ``color`` = palette name and ``mask`` (bool [H, W]) when
+    ``masks=True``. Sorted by (y0, x0)."""
+    h, w = np.asarray(image).shape[:2]
+    out: list[Detection] = []
+    for k, crop, (x0, y0, x1, y1) in _components(image, min_area, max_dist):
+        shape, conf = classify_shape(crop)
+        if shape is None:
+            continue
+        full = None
+        if masks:
+            full = np.zeros((h, w), dtype=bool)
+            full[y0:y1, x0:x1] = crop
+        out.append(Detection(shape, float(conf), (float(x0), float(y0), float(x1), float(y1)), full, COLORS[k]))
     out.sort(key=lambda d: (d.box[1], d.box[0]))
     return out
+
+
+def shape_proximity(image: np.ndarray, metadata: Mapping[str, Any], *, min_area: float | None = None,
+                    max_dist: float = MAX_COLOR_DIST) -> float:
+    """A dense companion of the GenEval verdict, in [0, 1]: how close the image's objects are to the requested
+    shapes, whether or not the detector already accepts them. Per include clause (shape, colour, count): each
+    component of the clause's colour (any colour if none is named) gets ``max(0, 1 - d / PROXIMITY_SCALE)``,
+    ``d`` = the distance of its :func:`shape_features` (fill, asymmetry, |log aspect|) from the requested shape's
+    prototype (aspect 1); the clause scores the mean of its ``count`` best (missing objects count 0); the image
+    the mean over clauses. A blob that is a little squarer than another scores a little higher for "a square",
+    where the verdict sees two failures alike."""
+    comps = [(k, shape_features(crop)) for k, crop, _ in _components(image, min_area, max_dist)]
+    per_clause = []
+    for clause in metadata.get("include", []):
+        pf, pa = PROTOTYPES[clause["class"]]
+        color = clause.get("color")
+        want = COLORS.index(color) if color else None
+        close = sorted((max(0.0, 1.0 - math.sqrt((f - pf) ** 2 + (a - pa) ** 2 + math.log(r) ** 2) / PROXIMITY_SCALE)
+                        for k, (f, a, r) in comps if want is None or k == want), reverse=True)
+        n = max(1, int(clause.get("count", 1)))
+        per_clause.append(sum(close[:n]) / n)
+    return float(np.mean(per_clause)) if per_clause else 0.0
 
 
 def detect_batch(images: np.ndarray, **options: Any) -> list[list[Detection]]:
@@ -599,5 +630,5 @@ __all__ = [
     "BACKGROUND", "COLORS", "COUNTING_COUNTS", "HELD_OUT_COMBOS", "HOLDOUTS", "PALETTE", "SHAPES", "SPLITS",
     "ShapeObject", "ShapesDetector", "TEST_FRACTION", "all_prompts", "classify_shape", "detect", "detect_batch",
     "draw", "judge", "layout", "make_row", "prompt_set", "render", "render_batch", "scene_key", "score", "segment",
-    "shape_coverage", "shape_features", "split_of", "split_prompts", "trim_protrusions", "write_jsonl",
+    "shape_coverage", "shape_features", "shape_proximity", "split_of", "split_prompts", "trim_protrusions", "write_jsonl",
 ]

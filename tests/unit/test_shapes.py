@@ -381,6 +381,60 @@ def test_reward_registered_and_scores_a_batch():
     assert np.all(strict_only.scores == 1.0) and not any(d["correct"] for d in strict_only.details)
 
 
+def _canvas(*masks_at: tuple[np.ndarray, str, int, int]) -> np.ndarray:
+    img = np.empty((64, 64, 3), dtype=np.uint8)
+    img[:] = S.BACKGROUND
+    for mask, colour, y, x in masks_at:
+        img[y : y + mask.shape[0], x : x + mask.shape[1]][mask] = S.PALETTE[colour]
+    return img
+
+
+def _rounded_square(side: int, radius: int) -> np.ndarray:
+    """A square with its corners cut to quarter discs of ``radius`` (0: the square; side / 2: a disc)."""
+    yy, xx = np.mgrid[:side, :side] + 0.5
+    cy = np.clip(yy, radius, side - radius)
+    cx = np.clip(xx, radius, side - radius)
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2 + 1e-9
+
+
+def test_shape_proximity_grades_what_the_verdict_calls_equal():
+    row = S.make_row("single_object", [("blue", "square")])
+    square, disc = _rounded_square(18, 0), _rounded_square(18, 9)
+    # the rendered prompt is (near) perfect; a drawing of nothing scores 0
+    assert S.shape_proximity(S.render(row, 64, seed=0), row) > 0.9
+    assert S.shape_proximity(_canvas(), row) == 0.0
+    # corners rounded more and more: monotonically less like a square, also among the ones the verdict calls
+    # "circle" alike
+    prox = [S.shape_proximity(_canvas((_rounded_square(18, r), "blue", 20, 20)), row) for r in (0, 3, 5, 7, 9)]
+    assert prox == sorted(prox, reverse=True) and prox[0] > 0.95 and prox[-1] < 0.7, prox
+    verdicts = [S.score(_canvas((_rounded_square(18, r), "blue", 20, 20)), row)[0] for r in (0, 3, 5, 7, 9)]
+    assert verdicts == [True, True, True, False, False]
+    # the colour is part of the request: the same square in red does not count; an extra red one changes nothing
+    assert S.shape_proximity(_canvas((square, "red", 20, 20)), row) == 0.0
+    assert S.shape_proximity(_canvas((square, "blue", 5, 5), (disc, "red", 35, 35)), row) == pytest.approx(
+        S.shape_proximity(_canvas((square, "blue", 5, 5)), row))
+    # counts: each missing object counts 0 (two of three squares -> 2/3 of three)
+    three = S.make_row("counting", [("blue", "square")], count=3)
+    two = S.shape_proximity(_canvas((square, "blue", 2, 2), (square, "blue", 2, 40)), three)
+    full = S.shape_proximity(_canvas((square, "blue", 2, 2), (square, "blue", 2, 40), (square, "blue", 40, 20)),
+                             three)
+    assert two == pytest.approx(full * 2 / 3)
+
+
+def test_shapes_reward_shaping_adds_the_proximity():
+    rows = rows_of_all_tags(12, seed=8)
+    images = S.render_batch(rows, 64, seed=1)
+    wrong = rows[1:] + rows[:1]
+    plain = build_reward("shapes")(images, [], wrong)
+    shaped = build_reward("shapes", shaping=0.5)(images, [], wrong)
+    prox = np.asarray([S.shape_proximity(im, r) for im, r in zip(images, wrong)])
+    np.testing.assert_allclose(shaped.scores, plain.scores + 0.5 * prox)
+    assert [d["correct"] for d in shaped.details] == [d["correct"] for d in plain.details]
+    assert all(d["shape_proximity"] == pytest.approx(p) for d, p in zip(shaped.details, prox))
+    with pytest.raises(ValueError, match="reward_options.shapes.shaping"):
+        build_reward("shapes", shaping=-1.0)
+
+
 def test_weighted_reward_with_shapes():
     rows = rows_of_all_tags(8, seed=6)
     images = S.render_batch(rows, 64, seed=0)
