@@ -630,5 +630,6 @@ __all__ = [
     "BACKGROUND", "COLORS", "COUNTING_COUNTS", "HELD_OUT_COMBOS", "HOLDOUTS", "PALETTE", "SHAPES", "SPLITS",
     "ShapeObject", "ShapesDetector", "TEST_FRACTION", "all_prompts", "classify_shape", "detect", "detect_batch",
     "draw", "judge", "layout", "make_row", "prompt_set", "render", "render_batch", "scene_key", "score", "segment",
-    "shape_coverage", "shape_features", "shape_proximity", "split_of", "split_prompts", "trim_protrusions", "write_jsonl",
+    "shape_coverage", "shape_features", "shape_proximity", "split_of", "split_prompts", "trim_protrusions",
+    "write_jsonl",
 ]

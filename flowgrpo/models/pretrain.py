@@ -80,7 +80,7 @@ class PretrainSettings:
     layout: str = "canonical"
     # stage 1: VAE --------------------------------------------------------------------------------------------
     #: 2400: the detector still judges 95% (canonical layout) / 82% (random, smaller objects) of VAE round trips of
-    #: test scenes correct; at 1200 steps only 60% / 54% (squares came back with round corners, dark green as black)
+    #: 192 test scenes correct; at 1200 steps 60% / 54% (squares came back with round corners, dark green as black)
     vae_steps: int = 2400
     vae_batch_size: int = 32
     vae_crop: int = 32  # 0 = whole images
