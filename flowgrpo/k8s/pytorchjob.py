@@ -301,10 +301,13 @@ class MasterLogFollower(threading.Thread):
     def stop(self) -> None:
         """Stop now, unblocking a read in progress."""
         self._stopping.set()
-        with self._lock:
-            response = self._response
-        if response is not None:
-            getattr(response, "shutdown", response.close)()
+        with self._lock:  # held while shutting down, so the reader cannot release the connection meanwhile
+            if self._response is None:
+                return
+            try:
+                getattr(self._response, "shutdown", self._response.close)()
+            except (OSError, ValueError, RuntimeError):
+                pass  # the stream had already ended and its socket was closed or pooled: nothing to unblock
 
     def run(self) -> None:
         while not self._stopping.is_set():
@@ -362,7 +365,7 @@ class MasterLogFollower(threading.Thread):
         finally:
             with self._lock:
                 self._response = None
-            response.release_conn()
+                response.release_conn()
 
     def _note(self, message: str) -> None:
         """Log a problem once, not on every poll."""

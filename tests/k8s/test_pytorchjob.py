@@ -14,7 +14,7 @@ from kubernetes import client
 
 from flowgrpo.backends.base import BackendError, TrainingFailed, TrainJobSpec
 from flowgrpo.k8s import objects
-from flowgrpo.k8s.pytorchjob import run_job, sigterm_handler
+from flowgrpo.k8s.pytorchjob import MasterLogFollower, run_job, sigterm_handler
 from flowgrpo.k8s.validate import ManifestError
 from tests.k8s.conftest import NAMESPACE, RUN_ID
 from tests.k8s.fake_apiserver import FakeKube, JobScript
@@ -276,3 +276,24 @@ def test_a_restarted_container_is_followed_again(kube: FakeKube, api: client.Api
     run_job(train_job, RUN_ID, NAMESPACE, api, poll_s=POLL_S, log=lines)
     streamed = [line.split("] ", 1)[1] for line in lines if line.startswith(f"[{master}]")]
     assert streamed == ["attempt 1 step 1", "attempt 1 step 2", "attempt 2 resumed from checkpoint", "training done"]
+
+
+@pytest.mark.parametrize("error", [OSError(9, "Bad file descriptor"), ValueError("no shutdown"),
+                                   RuntimeError("released to the pool")])
+def test_stop_survives_a_stream_whose_socket_is_already_gone(api: client.ApiClient, error: Exception) -> None:
+    """A timeout can race the stream's own end: urllib3 then refuses to shut a closed or pooled socket."""
+
+    class EndedStream:
+        shutdowns = 0
+
+        def shutdown(self) -> None:
+            self.shutdowns += 1
+            raise error
+
+        def close(self) -> None:  # urllib3 responses have both
+            raise AssertionError("shutdown is the one to call")
+
+    follower = MasterLogFollower(client.CoreV1Api(api), "fgrpo-x", NAMESPACE, Lines(), POLL_S)
+    stream = follower._response = EndedStream()
+    follower.stop()  # must not raise
+    assert stream.shutdowns == 1 and follower._stopping.is_set()
