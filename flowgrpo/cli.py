@@ -251,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--eval-points", dest="eval_points", type=int, default=3, help="shapes bench: evals along the budget")
     b.add_argument("--n-per-tag", dest="n_per_tag", type=int, default=16, help="shapes bench: held-out prompts per tag")
     b.add_argument("--seeds", type=int, default=2, help="shapes bench: samples per held-out prompt")
+    b.add_argument("--eval-prompts", dest="eval_prompts", default=None,
+                   help="shapes bench: evaluate this .jsonl of shapes-world rows (per-prompt accuracies too) "
+                        "instead of --n-per-tag test-split prompts")
     b.add_argument("--out-dir", dest="out_dir", default=None, help="shapes bench: where runs go (default: a temp dir)")
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="shapes bench: config override on configs/shapes_cpu.yaml (repeatable)")

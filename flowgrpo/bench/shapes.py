@@ -4,7 +4,8 @@
 2. Its held-out score: ODE samples (``eval`` settings of ``configs/shapes_cpu.yaml``) of tag-balanced prompts of
    the shapes **test** split, judged by the shapes detector with the GenEval rules: ``overall`` = GenEval's number
    (mean over tags of the standard verdict's accuracy), ``reward`` = mean partial-credit reward (the training
-   reward), per-tag accuracies.
+   reward), per-tag accuracies. ``--eval-prompts FILE`` evaluates a prompt file of shapes-world rows instead
+   (:func:`load_eval_prompts`; e.g. the held-out triangles only) and adds each prompt's accuracy (``per_prompt``).
 3. Flow-GRPO variants trained from the base for a fixed **CPU budget** (this process's user + system seconds, so
    other processes on the machine do not shrink it; wall seconds are reported too), evaluated the same way at a
    few points of the budget (evaluation time is not counted): ``flowgrpo`` (the preset: full SDE, CFG-free),
@@ -132,6 +133,32 @@ def generate(adapter: Any, prompts: Sequence[str], *, resolution: int, num_steps
     return np.concatenate(out)
 
 
+def load_eval_prompts(spec: str) -> Any:
+    """A prompt file (:func:`~flowgrpo.prompts.load_prompts`: a .jsonl path, ``s3://`` or ``builtin:``) whose every
+    row is a shapes-world GenEval row (``tag``, ``include`` clauses of the world's shapes and colours), checked
+    before anything is sampled: the detector could never find anything else, so such a prompt would score 0."""
+    from flowgrpo.eval import shapes as S
+    from flowgrpo.prompts import load_prompts
+    from flowgrpo.rewards.geneval.rules import TAGS
+
+    ps = load_prompts(spec)
+    if not len(ps):
+        raise ValueError(f"{spec}: no prompts (--eval-prompts wants a .jsonl of shapes-world rows)")
+    for i, row in enumerate(ps.metadata, start=1):
+        where = f"{spec}: row {i} ({row.get('prompt', '')!r})"
+        if row.get("tag") not in TAGS:
+            raise ValueError(f"{where}: 'tag' must be one of {TAGS}, got {row.get('tag')!r} "
+                             "(write rows with flowgrpo.eval.shapes.split_prompts / write_jsonl)")
+        clauses = row.get("include")
+        if not isinstance(clauses, list) or not clauses:
+            raise ValueError(f"{where}: needs a non-empty 'include' list of GenEval clauses")
+        for c in clauses:
+            if c.get("class") not in S.SHAPES or c.get("color", S.COLORS[0]) not in S.COLORS:
+                raise ValueError(f"{where}: clause {c} is not a shapes-world object (class one of {S.SHAPES}, "
+                                 f"color one of {S.COLORS})")
+    return ps
+
+
 def eval_prompts(n_per_tag: int, split: str = "test", seed: int = 0, tags: Sequence[str] | None = None):
     """A tag-balanced :class:`~flowgrpo.prompts.PromptSet` of the shapes ``split``."""
     from flowgrpo.eval import shapes as S
@@ -143,10 +170,11 @@ def eval_prompts(n_per_tag: int, split: str = "test", seed: int = 0, tags: Seque
 
 def evaluate_adapter(adapter: Any, prompts: Any, *, resolution: int, num_steps: int, guidance_scale: float,
                      seeds_per_prompt: int = 2, seed: int = 0, batch_size: int = 32,
-                     per_image: bool = False) -> dict[str, Any]:
+                     per_image: bool = False, per_prompt: bool = False) -> dict[str, Any]:
     """Sample every prompt of ``prompts`` (a PromptSet with metadata) with ``seeds_per_prompt`` seeds and
     :func:`summarize` the judgements (diversity over the seeds of each prompt); ``per_image``: also return every
-    image's judgement under ``judgements`` (prompt-major, seeds inner)."""
+    image's judgement under ``judgements`` (prompt-major, seeds inner); ``per_prompt``: also each prompt's
+    accuracy over its images under ``per_prompt`` (prompt text -> fraction correct)."""
     n = len(prompts)
     flat_prompts = [p for p in prompts.prompts for _ in range(seeds_per_prompt)]
     rows = [m for m in prompts.metadata for _ in range(seeds_per_prompt)]
@@ -158,6 +186,11 @@ def evaluate_adapter(adapter: Any, prompts: Any, *, resolution: int, num_steps: 
     judgements = [judge_image(im, row) for im, row in zip(images, rows)]
     out = summarize(judgements, images, groups)
     out["eval_s"] = round(time.perf_counter() - t0, 1)
+    if per_prompt:
+        verdicts: dict[str, list[bool]] = {}
+        for p, j in zip(flat_prompts, judgements):
+            verdicts.setdefault(p, []).append(bool(j["correct"]))
+        out["per_prompt"] = {p: float(np.mean(v)) for p, v in verdicts.items()}
     if per_image:
         out["judgements"] = judgements
     return out
@@ -192,9 +225,10 @@ def _load_cfg(overrides: Sequence[str], out_dir: Path, model_path: str) -> Any:
 
 def train_variant(name: str, overrides: Sequence[str], model_path: str, *, cpu_budget_s: float, eval_points: int,
                   eval_set: Any, n_seeds: int, out_dir: Path, log: Any = None, max_epochs: int = 10_000,
-                  train_eval_set: Any = None) -> dict[str, Any]:
+                  train_eval_set: Any = None, per_prompt: bool = False) -> dict[str, Any]:
     """Train one variant from the base for ``cpu_budget_s`` CPU seconds; evaluate at ``eval_points`` equally spaced
-    points of the budget (and at the end). Returns the curve and the final evaluation."""
+    points of the budget (and at the end; ``per_prompt``: with each prompt's accuracy). Returns the curve and the
+    final evaluation."""
     from flowgrpo.recipe import GRPORecipe
 
     cfg = _load_cfg([*VARIANTS.get(name, []), *overrides, f"train.epochs={max_epochs}"], out_dir, model_path)
@@ -225,7 +259,7 @@ def train_variant(name: str, overrides: Sequence[str], model_path: str, *, cpu_b
                 while marks and cpu_used >= marks[0]:
                     marks.pop(0)
                 with _ema(recipe):
-                    point = evaluate_adapter(recipe.adapter, eval_set, **ev)
+                    point = evaluate_adapter(recipe.adapter, eval_set, per_prompt=per_prompt, **ev)
                 point.update(epochs=epoch, cpu_s=round(cpu_used, 1), wall_s=round(wall_used, 1),
                              train_reward=float(np.mean(rewards[-3:])))
                 curve.append(point)
@@ -261,8 +295,9 @@ def _compact(ev: dict[str, Any]) -> dict[str, Any]:
 def run_shapes_bench(*, model: str = "shapes", variants: Sequence[str] = ("flowgrpo", "fast_nocfg"),
                      cpu_budget_s: float = 600.0, eval_points: int = 3, n_per_tag: int = 16, n_seeds: int = 2,
                      overrides: Sequence[str] = (), threads: int | None = None, out_dir: str | None = None,
-                     log: Any = None) -> dict[str, Any]:
-    """The whole benchmark (see the module docstring); returns a JSON-able dict."""
+                     log: Any = None, eval_file: str | None = None) -> dict[str, Any]:
+    """The whole benchmark (see the module docstring); returns a JSON-able dict. ``eval_file``: evaluate that
+    prompt file (:func:`load_eval_prompts`) instead of ``n_per_tag`` tag-balanced test-split prompts."""
     import torch
 
     from flowgrpo.bench.common import CpuMonitor, environment
@@ -271,6 +306,7 @@ def run_shapes_bench(*, model: str = "shapes", variants: Sequence[str] = ("flowg
     from flowgrpo.models.pretrain import read_info
     from flowgrpo.recipe import _quiet_libraries
 
+    file_set = load_eval_prompts(eval_file) if eval_file else None  # a bad file fails before the model is built
     if threads:
         torch.set_num_threads(int(threads))
     _quiet_libraries()
@@ -284,10 +320,11 @@ def run_shapes_bench(*, model: str = "shapes", variants: Sequence[str] = ("flowg
     e = base_cfg.eval
     guidance = {name: _load_cfg([*VARIANTS[name], *overrides], root, str(local)).eval.guidance_scale
                 for name in variants}
-    test_set = eval_prompts(n_per_tag, "test", seed=0)
+    test_set = file_set if file_set is not None else eval_prompts(n_per_tag, "test", seed=0)
     train_set = eval_prompts(max(2, n_per_tag // 2), "train", seed=1)
     ev = dict(resolution=base_cfg.sample.resolution, num_steps=e.num_steps, seeds_per_prompt=n_seeds,
               batch_size=e.batch_size)
+    by_prompt = file_set is not None
     adapter = load_adapter("sd3", str(local), max_sequence_length=base_cfg.model.max_sequence_length,
                            mixed_precision="no", needs_reference=False)
     result: dict[str, Any] = {
@@ -297,13 +334,13 @@ def run_shapes_bench(*, model: str = "shapes", variants: Sequence[str] = ("flowg
                      "flow_loss_last": info.get("flow_loss_last"), "stopped_early": info.get("stopped_early"),
                      "built_now_s": round(build_s, 1) if build_s > 5 else 0.0},
         "eval": {"n_prompts": len(test_set), "seeds_per_prompt": n_seeds, "num_steps": e.num_steps,
-                 "split": "test"},
+                 "split": "file" if eval_file else "test", "prompts": eval_file or f"{n_per_tag} per tag"},
         "cpu_budget_s": cpu_budget_s,
     }
     with CpuMonitor() as mon:
         base = {}
         for g in sorted(set(guidance.values()) or {e.guidance_scale}, reverse=True):
-            base[f"cfg{g:g}"] = evaluate_adapter(adapter, test_set, guidance_scale=g, **ev)
+            base[f"cfg{g:g}"] = evaluate_adapter(adapter, test_set, guidance_scale=g, per_prompt=by_prompt, **ev)
             base[f"cfg{g:g}"]["train_prompts"] = evaluate_adapter(adapter, train_set, guidance_scale=g, **ev)
             if log:
                 log(f"base (guidance {g:g}): overall {base[f'cfg{g:g}']['overall']:.3f}")
@@ -313,7 +350,8 @@ def run_shapes_bench(*, model: str = "shapes", variants: Sequence[str] = ("flowg
         for name in variants:
             runs[name] = train_variant(name, list(overrides), str(local), cpu_budget_s=cpu_budget_s,
                                        eval_points=eval_points, eval_set=test_set, n_seeds=n_seeds,
-                                       out_dir=root / name, log=log, train_eval_set=train_set)
+                                       out_dir=root / name, log=log, train_eval_set=train_set,
+                                       per_prompt=by_prompt)
         result["variants"] = runs
     result["cpu"] = mon.report()
     summary = {}
@@ -342,6 +380,9 @@ def run_shapes_bench(*, model: str = "shapes", variants: Sequence[str] = ("flowg
                                                                   for p in r["curve"]],
             "epochs": r["epochs"], "images": r["images"],
         }
+        if by_prompt:
+            summary[name]["per_prompt_base"] = {k: round(v, 3) for k, v in b["per_prompt"].items()}
+            summary[name]["per_prompt_trained"] = {k: round(v, 3) for k, v in f["per_prompt"].items()}
     result["summary"] = summary
     return json.loads(json.dumps(result, default=_json_default))
 
@@ -383,8 +424,9 @@ def _run(args: Any, model: str, variants: list[str], log: Any) -> dict[str, Any]
                             n_seeds=int(getattr(args, "seeds", 2)),
                             overrides=list(getattr(args, "overrides", None) or []),
                             threads=getattr(args, "threads", None) or None, log=log,
-                            out_dir=getattr(args, "out_dir", None))
+                            out_dir=getattr(args, "out_dir", None),
+                            eval_file=getattr(args, "eval_prompts", None) or None)
 
 
-__all__ = ["VARIANTS", "diversity", "evaluate_adapter", "generate", "judge_image", "run",
+__all__ = ["VARIANTS", "diversity", "evaluate_adapter", "generate", "judge_image", "load_eval_prompts", "run",
            "run_shapes_bench", "summarize", "train_variant"]

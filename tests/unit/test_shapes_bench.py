@@ -79,3 +79,67 @@ def test_builtin_shapes_prompt_sets_are_balanced_and_held_out():
     assert load_prompts("builtin:shapes_test").prompts == test.prompts  # deterministic
     with pytest.raises(ValueError, match="shapes_train"):
         load_prompts("builtin:shapes_val")
+
+
+# ------------------------------------------------------------------------------------ --eval-prompts files
+
+
+def test_eval_prompt_files_must_hold_shapes_world_rows(tmp_path):
+    from flowgrpo.bench.shapes import load_eval_prompts
+
+    rows = [_row("single_object", 0), _row("position", 3)]
+    good = S.write_jsonl(rows, tmp_path / "good.jsonl")
+    assert load_eval_prompts(str(good)).prompts == [r["prompt"] for r in rows]
+
+    def bad(name: str, row: dict) -> str:
+        return str(S.write_jsonl([rows[0], row], tmp_path / f"{name}.jsonl"))
+
+    with pytest.raises(ValueError, match=r"row 2 .*'tag' must be one of"):
+        load_eval_prompts(bad("tag", {**rows[0], "tag": "animals"}))
+    with pytest.raises(ValueError, match=r"row 2 .*'include'"):
+        load_eval_prompts(bad("include", {"tag": "single_object", "prompt": "a photo of a dog"}))
+    with pytest.raises(ValueError, match="not a shapes-world object"):
+        load_eval_prompts(bad("dog", {**rows[0], "include": [{"class": "dog", "count": 1}]}))
+    with pytest.raises(ValueError, match="not a shapes-world object"):
+        load_eval_prompts(bad("pink", {**rows[0], "include": [{"class": "circle", "count": 1, "color": "pink"}]}))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="no prompts"):
+        load_eval_prompts(str(tmp_path / "empty.jsonl"))
+
+
+def test_a_bad_eval_prompt_file_fails_before_the_model_is_resolved(tmp_path, monkeypatch):
+    from flowgrpo.bench import shapes as B
+    from flowgrpo.models import loading
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was resolved before the prompt file was checked")
+
+    monkeypatch.setattr(loading, "resolve_model_path", no_model)
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a photo of a dog", "tag": "single_object"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl: row 1"):
+        B.run_shapes_bench(model="shapes", eval_file=str(tmp_path / "bad.jsonl"), out_dir=str(tmp_path / "out"))
+
+
+def test_per_prompt_accuracy_is_the_fraction_of_its_images_judged_correct(monkeypatch):
+    from flowgrpo.bench import shapes as B
+    from flowgrpo.prompts import PromptSet
+
+    rows = [_row("single_object", 0), _row("single_object", 1), _row("counting", 2)]
+    ps = PromptSet([r["prompt"] for r in rows], rows)
+    by_prompt = {r["prompt"]: r for r in rows}
+    blank = S.draw([], 64, np.random.default_rng(0), 0.0, False)
+
+    def fake_generate(adapter, prompts, *, seeds, **kw):
+        # row 0: every image right; row 1: right for even seeds only; row 2: never (a blank canvas)
+        out = []
+        for k, (p, seed) in enumerate(zip(prompts, seeds)):
+            right = p == rows[0]["prompt"] or (p == rows[1]["prompt"] and k % 2 == 0)
+            out.append(S.render(by_prompt[p], 64, seed=seed) if right else blank)
+        return np.stack(out)
+
+    monkeypatch.setattr(B, "generate", fake_generate)
+    out = B.evaluate_adapter(None, ps, resolution=64, num_steps=1, guidance_scale=1.0, seeds_per_prompt=4,
+                             per_prompt=True)
+    assert out["per_prompt"] == {rows[0]["prompt"]: 1.0, rows[1]["prompt"]: 0.5, rows[2]["prompt"]: 0.0}
+    assert out["per_tag"] == {"single_object": 0.75, "counting": 0.0}
+    assert "per_prompt" not in B.evaluate_adapter(None, ps, resolution=64, num_steps=1, guidance_scale=1.0)
