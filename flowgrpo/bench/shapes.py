@@ -153,7 +153,7 @@ def load_eval_prompts(spec: str) -> Any:
         if not isinstance(clauses, list) or not clauses:
             raise ValueError(f"{where}: needs a non-empty 'include' list of GenEval clauses")
         for c in clauses:
-            if c.get("class") not in S.SHAPES or c.get("color", S.COLORS[0]) not in S.COLORS:
+            if c.get("class") not in S.SHAPES or c.get("color") not in (None, *S.COLORS):  # colour optional
                 raise ValueError(f"{where}: clause {c} is not a shapes-world object (class one of {S.SHAPES}, "
                                  f"color one of {S.COLORS})")
     return ps
