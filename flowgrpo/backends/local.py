@@ -95,6 +95,7 @@ class LocalBackend:
         d = self.run_dir(run_id)
         d.mkdir(parents=True, exist_ok=True)
         started: list[dict[str, Any]] = []
+        procs: dict[str, subprocess.Popen] = {}
         for spec in specs:
             port = _free_port()
             log_path = d / f"reward-{spec.name}.log"
@@ -107,6 +108,7 @@ class LocalBackend:
             with open(log_path, "ab") as logf:
                 proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         env=self._env(run_id), start_new_session=True)
+            procs[spec.name] = proc
             started.append({"name": spec.name, "pid": proc.pid, "port": port, "rewards": spec.rewards,
                             "url": f"http://127.0.0.1:{port}", "log": str(log_path)})
             (d / "servers.json").write_text(json.dumps(started, indent=1))
@@ -114,9 +116,11 @@ class LocalBackend:
         pending = {s["name"]: s for s in started}
         while pending:
             for name, s in list(pending.items()):
-                if not _owned_by_run(s["pid"], run_id):
-                    raise BackendError(f"reward server {name!r} ({s['url']}) exited during startup; its log "
-                                       f"{s['log']}:\n{_tail(Path(s['log']))}")
+                # Liveness from our own child handle, not /proc/<pid>/environ: the kernel lets Popen return before
+                # the new program's environment is mapped, so a freshly started server can look un-owned.
+                if (rc := procs[name].poll()) is not None:
+                    raise BackendError(f"reward server {name!r} ({s['url']}) exited during startup (exit code {rc}); "
+                                       f"its log {s['log']}:\n{_tail(Path(s['log']))}")
                 try:
                     if requests.get(s["url"] + "/readyz", timeout=2).status_code == 200:
                         del pending[name]

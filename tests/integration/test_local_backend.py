@@ -53,6 +53,32 @@ def test_reward_servers_deploy_score_and_teardown(tmp_path):
     assert (tmp_path / "run-a.logs" / "reward-jpeg-compressibility.log").is_file()  # logs kept
 
 
+def test_reward_server_that_exits_at_startup_names_itself_and_its_log(tmp_path):
+    be = LocalBackend(state_dir=tmp_path)
+    with pytest.raises(BackendError) as e:  # an unknown reward makes serve-reward exit 2 before it listens
+        be.deploy_rewards("run-x", [RewardServerSpec(name="typo", rewards=["no_such_reward"])], timeout_s=60)
+    msg = str(e.value)
+    assert "'typo'" in msg and "exited during startup (exit code 2)" in msg and "http://127.0.0.1:" in msg
+    assert "cannot serve reward 'no_such_reward'" in msg  # the log's tail comes with the error
+
+
+def test_deploy_does_not_mistake_a_server_mid_exec_for_a_dead_one(tmp_path, monkeypatch):
+    # Popen can return before the kernel has mapped the new program's environment, so /proc/<pid>/environ is
+    # briefly empty (CI hit this). Startup must judge liveness by the child handle, not by the run-id check.
+    import flowgrpo.backends.local as local
+
+    monkeypatch.setattr(local, "_owned_by_run", lambda pid, run_id: False)
+    be = LocalBackend(state_dir=tmp_path)
+    urls = be.deploy_rewards("run-y", [RewardServerSpec(name="jpeg", rewards=["jpeg_compressibility"])], timeout_s=120)
+    monkeypatch.undo()
+    try:
+        import requests
+
+        assert requests.get(urls["jpeg_compressibility"] + "/readyz", timeout=5).status_code == 200
+    finally:
+        assert be.teardown("run-y") == ["reward-server/jpeg"]
+
+
 def test_reward_server_that_never_gets_ready_names_itself(tmp_path):
     be = LocalBackend(state_dir=tmp_path)
     with pytest.raises(BackendError) as e:  # imagereward cannot load offline: /readyz stays 503
